@@ -1,0 +1,31 @@
+"""padkd: Prime-Aware Adaptive Distillation and a knowledge-distillation toolkit.
+
+The one idea: a distillation term is *what is matched* (a method returning per-sample
+discrepancies) times *how samples count* (a weighting reducing them: uniform, PAD, hard mining).
+"""
+
+from padkd.discrepancy import Discrepancy
+from padkd.distiller import DistillOutput, Distiller, Term
+from padkd.methods import KD, METHODS, Batch, FitNet, Hint, Method
+from padkd.weighting import (
+    OHEM,
+    PAD,
+    WEIGHTINGS,
+    DiscardHardest,
+    Focal,
+    Polynomial,
+    SampleWeighting,
+    SoftmaxEasy,
+    SoftmaxHard,
+    Uniform,
+    WeightedLoss,
+    Weighting,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch", "Discrepancy", "DistillOutput", "Distiller", "Term", "Method", "METHODS", "KD", "Hint", "FitNet",
+    "Weighting", "WeightedLoss", "WEIGHTINGS", "PAD", "Uniform", "SampleWeighting", "Focal", "OHEM",
+    "SoftmaxHard", "SoftmaxEasy", "Polynomial", "DiscardHardest",
+]

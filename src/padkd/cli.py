@@ -1,0 +1,143 @@
+"""`padkd` console script: train, eval, demo, list, export.
+
+User errors (PadkdError) print one line `padkd: error: ...` and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from padkd.errors import PadkdError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from padkd.config import load_config
+    from padkd.engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    result = Trainer(cfg, resume=args.resume, quiet=args.quiet).run()
+    print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
+    return 0
+
+
+def _run_config_for(path: Path) -> Path:
+    """The config.yaml of the run a checkpoint (or run directory) belongs to."""
+    run_dir = path if path.is_dir() else path.parent.parent
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise PadkdError(f"no config.yaml found for '{path}' (looked in {run_dir}); pass --config")
+    return config
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from padkd.build import build_data, build_model, resolve_device
+    from padkd.config import ModelRef, load_config
+    from padkd.engine import checkpoint as ckpt
+    from padkd.engine.trainer import Trainer
+
+    path = Path(args.checkpoint)
+    cfg = load_config(args.config or _run_config_for(path), args.overrides)
+    ref = ModelRef(model=cfg.student.model, checkpoint=str(path))
+    data = build_data(cfg)
+    model = build_model(ref, data, "student").to(resolve_device(cfg.device))
+    trainer = Trainer(cfg, quiet=True)
+    loader = trainer._loader(data, args.split, train=False)
+    with torch.no_grad():
+        result = trainer.evaluate(model, loader)
+    print(json.dumps({"checkpoint": str(ckpt.resolve(path)), "split": args.split, **result}, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from padkd.engine import checkpoint as ckpt
+
+    source = ckpt.resolve(Path(args.checkpoint))
+    state = ckpt.load(source)
+    exported = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "export", "model": state["model"],
+                "student": state["student"]}
+    ckpt.atomic_save(exported, Path(args.output))
+    dropped = len(state.get("aux", {}))
+    print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
+          f"{dropped} distillation-only tensors such as PAD heads left out)")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from padkd.data import DATASETS
+    from padkd.methods import METHODS
+    from padkd.models import MODELS
+    from padkd.weighting import WEIGHTINGS
+
+    registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS}[args.what]
+    for name in registry.names():
+        print(f"{name:18s} {registry.describe(name)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from padkd.demo import run_demo
+
+    run_demo(Path(args.out), seeds=args.seeds, quick=args.quick, quiet=args.quiet, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="padkd", description="Prime-Aware Adaptive Distillation toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint's student")
+    p.add_argument("checkpoint", help="a .pt file or a run directory (its best checkpoint)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
+    p.add_argument("--config", help="config to take data and model from (default: the run's config.yaml)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write the student alone (no PAD heads, connectors or optimizer)")
+    p.add_argument("checkpoint", help="a .pt file or a run directory (its best checkpoint)")
+    p.add_argument("-o", "--output", required=True, help="where to write the exported student")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("what", choices=["methods", "weightings", "models", "datasets"])
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("demo", help="the embedded default: teacher + 5 students on scikit-learn digits, report")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--seeds", type=int, default=5, help="paired seeds per student (default 5)")
+    p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
+    p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PadkdError as err:
+        from padkd.engine.trainer import Interrupted
+
+        print(f"padkd: error: {err}", file=sys.stderr)
+        return 130 if isinstance(err, Interrupted) else 2
+    except KeyboardInterrupt:
+        print("padkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

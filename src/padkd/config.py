@@ -1,0 +1,251 @@
+"""YAML → typed, validated run configuration.
+
+Configs are read with `yaml.safe_load` (no tags, no imports) and name registered components only.
+Every error names the key path and the fix: `stages[0].optimizer.lrr: unknown key; did you mean 'lr'?`.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from padkd.errors import PadkdError, did_you_mean
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(BaseModel):
+    """A registered name plus its options: `{name: pad, mode: per_sample}`. Options are checked
+    against the registered factory's signature when the config is validated."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Component):
+    """Dataset (a registered name and its options) and how it is loaded."""
+
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelRef(Strict):
+    """A network: its architecture and, optionally, weights to start from (a padkd checkpoint or export)."""
+
+    model: Component
+    checkpoint: str | None = None
+
+
+class TermConfig(Strict):
+    """One distillation term; `student`/`teacher` are tap paths (`output`, `layer3`, `fc:in`)."""
+
+    name: str | None = None
+    method: Component
+    weighting: Component = Field(default_factory=lambda: Component(name="uniform"))
+    student: str | list[str] = "output"
+    teacher: str | list[str] = "output"
+    weight: float = 1.0
+    embedding: str | None = None
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedulerConfig(Strict):
+    name: Literal["constant", "multistep", "cosine"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class StageConfig(Strict):
+    """A training stage. Each stage builds fresh terms (new PAD heads, connectors) and a fresh
+    optimizer; the student carries over from the previous stage."""
+
+    name: str = "main"
+    epochs: int = Field(ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    terms: list[TermConfig] = Field(default_factory=list)
+    task_weight: float = 1.0
+
+
+class TaskConfig(Strict):
+    name: Literal["classification"] = "classification"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class DistillConfig(Strict):
+    embedding: str = "auto"
+    teacher_train_bn: bool = False
+
+
+class LogConfig(Strict):
+    interval: int = Field(20, ge=1)
+    tensorboard: bool = True
+    progress: Literal["auto", "bar", "none"] = "auto"
+
+
+class RecordsConfig(Strict):
+    """Per-sample records written at the end of each stage (for PAD: learned σ² per sample)."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["val"])
+
+
+class Config(Strict):
+    """A whole run: data, teacher, student, task, stages, logging."""
+
+    name: str = "run"
+    output_dir: str
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    teacher: ModelRef | None = None
+    student: ModelRef
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    stages: list[StageConfig] = Field(min_length=1)
+    log: LogConfig = Field(default_factory=LogConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    eval_test: bool = True
+
+    def term_names(self, stage: StageConfig) -> list[str]:
+        """Term names, defaulting to the method's name (suffixed when a method repeats)."""
+        names: list[str] = []
+        for term in stage.terms:
+            base = term.name or term.method.name
+            name, k = base, 2
+            while name in names:
+                name, k = f"{base}{k}", k + 1
+            names.append(name)
+        return names
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _model_at(cls: type[BaseModel], parts: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class found by following `parts` (field names and list indices) from `cls`."""
+    current: Any = cls
+    for p in parts:
+        if isinstance(p, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or p not in current.model_fields:
+            return None
+        current = _unwrap(current.model_fields[p].annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`list[X]`, `X | None` → X (the first BaseModel found)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation
+
+
+def _format_error(err: pydantic.ValidationError) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, str) or not p.startswith("function-"))
+    where = _loc(loc) or "config"
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(Config, loc[:-1])
+        allowed = list(parent.model_fields) if parent else []
+        return f"{where}: unknown key{did_you_mean(str(loc[-1]), allowed)}"
+    if first["type"] == "missing":
+        return f"{where}: required key is missing"
+    if first["type"] == "literal_error":
+        return f"{where}: {first['msg']} (got {first.get('input')!r})"
+    return f"{where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict (from YAML plus overrides) into a Config, then check every component."""
+    if not isinstance(raw, dict):
+        raise PadkdError("config: the file must hold a YAML mapping of keys to values")
+    try:
+        cfg = Config.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise PadkdError(_format_error(err)) from None
+    from padkd.build import check_components
+
+    check_components(cfg)
+    return cfg
+
+
+def set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.0.c=value` (value parsed as YAML) to the raw config dict."""
+    if "=" not in assignment:
+        raise PadkdError(f"override '{assignment}': expected key=value, e.g. stages.0.epochs=5")
+    key, _, text = assignment.partition("=")
+    value = yaml.safe_load(text) if text else None
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise PadkdError(f"override '{key}': '{part}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise PadkdError(f"override '{key}': '{'.'.join(parts[:i])}' is not a mapping or list")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise PadkdError(f"config file '{path}' not found; pass the path of a YAML config (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise PadkdError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+    for assignment in overrides or []:
+        set_override(raw, assignment)
+    return parse_config(raw)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written to every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,79 @@
+"""The contract between methods and weightings: per-sample discrepancies, dim 0 = sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Discrepancy:
+    """Discrepancies `value` of shape `[B]` or `[B, E]` and an optional boolean `mask` of the same shape.
+
+    E counts the elements of one sample (feature dimensions, locations, pair partners, anchors);
+    masked-out elements (mask False) take no part in any reduction.
+    """
+
+    value: Tensor
+    mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.value.dim() not in (1, 2):
+            raise ValueError(f"discrepancy must have shape [B] or [B, E], got {tuple(self.value.shape)}")
+        if self.mask is not None and self.mask.shape != self.value.shape:
+            raise ValueError(f"mask shape {tuple(self.mask.shape)} != discrepancy shape {tuple(self.value.shape)}")
+
+    @classmethod
+    def of(cls, d: Tensor | Discrepancy) -> Discrepancy:
+        """Accept a bare tensor where a Discrepancy is expected."""
+        return d if isinstance(d, Discrepancy) else cls(d)
+
+    @property
+    def batch_size(self) -> int:
+        return self.value.shape[0]
+
+    @property
+    def elements(self) -> int:
+        """E: 1 for a `[B]` discrepancy."""
+        return 1 if self.value.dim() == 1 else self.value.shape[1]
+
+    def matrix(self) -> tuple[Tensor, Tensor | None]:
+        """The values as `[B, E]` (E=1 for `[B]`) with the mask reshaped alike."""
+        if self.value.dim() == 1:
+            mask = None if self.mask is None else self.mask.unsqueeze(1)
+            return self.value.unsqueeze(1), mask
+        return self.value, self.mask
+
+    def reduce_elements(self, x: Tensor | None = None) -> Tensor:
+        """Masked mean over elements of `x` (default: the values) → `[B]`; 0 for fully masked samples."""
+        values, mask = self.matrix()
+        x = values if x is None else x
+        if mask is None:
+            return x.mean(dim=1)
+        total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)
+        return total / mask.sum(dim=1).clamp_min(1).to(x.dtype)
+
+    def sample_mask(self) -> Tensor | None:
+        """`[B]` bool: samples with at least one valid element (None when nothing is masked)."""
+        if self.mask is None:
+            return None
+        _, mask = self.matrix()
+        assert mask is not None
+        return mask.any(dim=1)
+
+
+def batch_mean(per_sample: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean over samples, skipping samples without any valid element."""
+    if valid is None:
+        return per_sample.mean()
+    total = torch.where(valid, per_sample, torch.zeros((), dtype=per_sample.dtype, device=per_sample.device))
+    return total.sum() / valid.sum().clamp_min(1).to(per_sample.dtype)
+
+
+def valid_count(per_sample: Tensor, valid: Tensor | None) -> Tensor:
+    """Number of samples that count in the batch mean, as a tensor (no host sync)."""
+    if valid is None:
+        return torch.tensor(float(per_sample.shape[0]), device=per_sample.device)
+    return valid.sum().to(per_sample.dtype)

@@ -1,0 +1,1 @@
+"""Training engine: trainer, checkpoints, distributed helpers, logging, per-sample records."""

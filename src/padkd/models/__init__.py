@@ -1,0 +1,89 @@
+"""Model registry: small CNN/MLP families for digits and MNIST, and any torchvision classifier.
+
+Every factory takes `in_channels` and `num_classes` (filled in from the dataset) plus its options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from padkd.errors import PadkdError
+from padkd.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+class SmallCNN(nn.Module):
+    """conv3x3-BN-ReLU blocks (max-pooled between blocks), global average pool, linear classifier.
+
+    The pooled embedding is the input of `fc` (tap `"fc:in"`); block k's output is `features.k`.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        prev = in_channels
+        for i, width in enumerate(widths):
+            block: list[nn.Module] = [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:
+                block.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*block))
+            prev = width
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+@MODELS.register("cnn")
+def cnn(in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Module:
+    """Small CNN for 8x8/28x28 inputs; `widths` sets the channels of each conv block."""
+    if not widths or min(widths) < 1:
+        raise PadkdError(f"model.widths must be a non-empty list of positive ints, got {list(widths)}")
+    return SmallCNN(in_channels, num_classes, widths)
+
+
+class MLP(nn.Module):
+    """Flatten → [Linear-ReLU]* → embedding → `fc` classifier."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for width in hidden:
+            layers += [nn.Linear(prev, width), nn.ReLU(inplace=True)]
+            prev = width
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.body(x))
+
+
+@MODELS.register("mlp")
+def mlp(in_channels: int, num_classes: int, input_size: int = 8, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+    """Multi-layer perceptron on flattened `in_channels x input_size x input_size` images."""
+    return MLP(in_channels * input_size * input_size, num_classes, hidden)
+
+
+@MODELS.register("torchvision")
+def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: str | None = None) -> nn.Module:
+    """Any torchvision classification model by name (`arch: resnet18`); `weights` names a torchvision
+    weights enum value (e.g. `IMAGENET1K_V1`, downloaded by torchvision) and needs num_classes 1000."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        from padkd.errors import did_you_mean
+
+        raise PadkdError(f"model.arch: unknown torchvision model '{arch}'{did_you_mean(arch, available)}")
+    if in_channels != 3:
+        raise PadkdError(f"model.arch {arch}: torchvision models take 3-channel images, the data has {in_channels}")
+    if weights is not None:
+        return torchvision.models.get_model(arch, weights=weights)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)

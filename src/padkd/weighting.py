@@ -1,0 +1,300 @@
+"""How samples count: a weighting reduces per-sample discrepancies to one scalar loss.
+
+`uniform` is what every existing distillation method does. `pad` learns a variance per sample
+(and per element) and minimises the Gaussian negative log-likelihood `d/σ² + log σ²`. The
+hard-mining family (`focal`, `ohem`, `softmax_hard`, `polynomial`, ...) are the hand-made weightings
+the PAD paper argues against; their weights are detached and normalised to mean 1 in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from padkd.discrepancy import Discrepancy, batch_mean, valid_count
+from padkd.registry import Registry
+
+WEIGHTINGS: Registry[Weighting] = Registry("weighting")
+
+#: Default floor on log σ² (σ² ≥ 1e-3): keeps `d/σ² + log σ²` bounded below where d is exactly 0.
+DEFAULT_LOG_VAR_FLOOR = math.log(1e-3)
+
+
+@dataclass
+class WeightedLoss:
+    """A weighting's result: the scalar `loss` and, per sample (detached, for records), the effective
+    `weight` and, for PAD, the mean learned `log_var` (log σ²)."""
+
+    loss: Tensor
+    weight: Tensor
+    log_var: Tensor | None = None
+
+
+class Weighting(nn.Module):
+    """Base class: `forward(d, embedding)` → WeightedLoss. `embedding` is only read by learned weightings."""
+
+    #: True when the weighting reads a student embedding (the Distiller then taps one).
+    needs_embedding: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def build(self, d: Discrepancy, embedding: Tensor | None) -> None:
+        """Create shape-dependent parameters from an example batch (before the optimizer exists)."""
+
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+        raise NotImplementedError
+
+
+class SampleWeighting(Weighting):
+    """Hand-made weighting: `loss = mean_i w_i d_i` with w detached and normalised to mean 1."""
+
+    def weights(self, d: Tensor) -> Tensor:
+        """Unnormalised, non-negative weights for per-sample discrepancies `d` (detached, `[B]`)."""
+        raise NotImplementedError
+
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+        d = Discrepancy.of(d)
+        per_sample = d.reduce_elements().float()
+        valid = d.sample_mask()
+        with torch.no_grad():
+            # Masked-out samples take the smallest value so hard-mining never selects them.
+            scores = per_sample.detach()
+            if valid is not None:
+                scores = torch.where(valid, scores, scores.new_zeros(()))
+            w = self.weights(scores)
+            if valid is not None:
+                w = w * valid.to(w.dtype)
+            n = valid_count(per_sample, valid)
+            total = w.sum()
+            uniform = torch.ones_like(w) if valid is None else valid.to(w.dtype)
+            w = torch.where(total > 0, w * n / total.clamp_min(1e-30), uniform)
+        loss = (w * per_sample).sum() / valid_count(per_sample, valid).clamp_min(1.0)
+        return WeightedLoss(loss=loss, weight=w)
+
+
+@WEIGHTINGS.register("uniform")
+class Uniform(SampleWeighting):
+    """Every sample counts the same: the weighting of every existing distillation method."""
+
+    def weights(self, d: Tensor) -> Tensor:
+        return torch.ones_like(d)
+
+
+@WEIGHTINGS.register("focal")
+class Focal(SampleWeighting):
+    """Focal-style hard mining: `w ∝ d^gamma` (larger discrepancy, larger weight)."""
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def weights(self, d: Tensor) -> Tensor:
+        return d.clamp_min(0).pow(self.gamma)
+
+
+@WEIGHTINGS.register("ohem")
+class OHEM(SampleWeighting):
+    """Online hard example mining: only the `fraction` of samples with the largest discrepancy count."""
+
+    def __init__(self, fraction: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < fraction <= 1:
+            raise ValueError(f"ohem fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def weights(self, d: Tensor) -> Tensor:
+        k = max(1, math.ceil(self.fraction * d.numel()))
+        keep = torch.zeros_like(d)
+        keep[d.topk(k).indices] = 1.0
+        return keep
+
+
+class _Softmax(SampleWeighting):
+    sign: float = 1.0
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def weights(self, d: Tensor) -> Tensor:
+        # d is divided by its batch mean so the temperature is unit-free across methods.
+        scale = d.mean().clamp_min(1e-12) * self.temperature
+        return torch.softmax(self.sign * d / scale, dim=0)
+
+
+@WEIGHTINGS.register("softmax_hard")
+class SoftmaxHard(_Softmax):
+    """`w = N·softmax(d / (T·mean d))`: smooth emphasis of large-discrepancy samples."""
+
+    sign = 1.0
+
+
+@WEIGHTINGS.register("softmax_easy")
+class SoftmaxEasy(_Softmax):
+    """`w = N·softmax(-d / (T·mean d))`: smooth emphasis of small-discrepancy (easy) samples."""
+
+    sign = -1.0
+
+
+@WEIGHTINGS.register("polynomial")
+class Polynomial(SampleWeighting):
+    """Easy emphasis `w ∝ (1 - d / max d)^gamma`: the hardest sample in the batch gets weight 0."""
+
+    def __init__(self, gamma: float = 1.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def weights(self, d: Tensor) -> Tensor:
+        return (1 - d / d.max().clamp_min(1e-12)).clamp_min(0).pow(self.gamma)
+
+
+@WEIGHTINGS.register("discard_hardest")
+class DiscardHardest(SampleWeighting):
+    """Drop the `fraction` of samples with the largest discrepancy; the rest count uniformly."""
+
+    def __init__(self, fraction: float = 0.1) -> None:
+        super().__init__()
+        if not 0 <= fraction < 1:
+            raise ValueError(f"discard fraction must be in [0, 1), got {fraction}")
+        self.fraction = fraction
+
+    def weights(self, d: Tensor) -> Tensor:
+        k = math.floor(self.fraction * d.numel())
+        keep = torch.ones_like(d)
+        if k > 0:
+            keep[d.topk(k).indices] = 0.0
+        return keep
+
+
+@WEIGHTINGS.register("pad")
+class PAD(Weighting):
+    """Prime-Aware Adaptive Distillation: `mean_i mean_e [d_ie / (σ²_ie + eps) + log σ²_ie]`.
+
+    A variance head `Linear(in_dim, out_dim) + BatchNorm1d(out_dim)` on a student embedding predicts
+    `s = log σ²`, per element (`per_element`, out_dim = E, the reference form) or once per sample
+    (`per_sample`, out_dim = 1). The optimum is σ² = d, so samples the student can match get small
+    σ² and a large weight 1/σ². Safety defaults (see docs/pad.md): the head's bias is set from the
+    first batch so σ² starts at the mean discrepancy (`init="data"`), and log σ² has a smooth floor.
+    `PAD.reference(...)` gives the unmodified published form (random init, no floor).
+    """
+
+    needs_embedding = True
+
+    def __init__(
+        self,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+        mode: Literal["per_element", "per_sample"] = "per_element",
+        eps: float = 1e-6,
+        init: Literal["data", "reference"] = "data",
+        log_var_floor: float | None = DEFAULT_LOG_VAR_FLOOR,
+        clamp: tuple[float, float] | None = None,
+        detach_input: bool = False,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("per_element", "per_sample"):
+            raise ValueError(f"PAD mode must be 'per_element' or 'per_sample', got {mode!r}")
+        if init not in ("data", "reference"):
+            raise ValueError(f"PAD init must be 'data' or 'reference', got {init!r}")
+        if clamp is not None and clamp[0] >= clamp[1]:
+            raise ValueError(f"PAD clamp must be (low, high) with low < high, got {clamp}")
+        self.mode = mode
+        self.eps = eps
+        self.init = init
+        self.log_var_floor = log_var_floor
+        self.clamp = clamp
+        self.detach_input = detach_input
+        self.warmup_steps = warmup_steps
+        self.head: nn.Sequential | None = None
+        self._ready = False  # python mirror of `initialized`: no host sync per step
+        # Saved in checkpoints: a resumed run neither re-initialises the head nor restarts warm-up.
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        if in_dim is not None:
+            self._make_head(in_dim, 1 if mode == "per_sample" else (out_dim or in_dim))
+
+    @classmethod
+    def reference(cls, in_dim: int | None = None, out_dim: int | None = None) -> PAD:
+        """The published PAD-L2 form: per element, eps 1e-6, random head, no floor, no warm-up."""
+        return cls(in_dim, out_dim, mode="per_element", eps=1e-6, init="reference", log_var_floor=None)
+
+    def _make_head(self, in_dim: int, out_dim: int) -> None:
+        linear = nn.Linear(in_dim, out_dim)
+        nn.init.xavier_normal_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(linear, nn.BatchNorm1d(out_dim))
+
+    def build(self, d: Discrepancy, embedding: Tensor | None) -> None:
+        if embedding is None:
+            raise ValueError("PAD needs a student embedding to predict log σ² from")
+        if self.head is None:
+            out_dim = 1 if self.mode == "per_sample" else d.elements
+            self._make_head(_flatten(embedding).shape[1], out_dim)
+        if self.init == "data" and not self._ready:
+            self._init_from(d)
+
+    @torch.no_grad()
+    def _init_from(self, d: Discrepancy) -> None:
+        """Set the BN bias so that σ² starts at the batch's mean discrepancy (geometric centre)."""
+        assert self.head is not None
+        mean_d = float(batch_mean(d.reduce_elements().float(), d.sample_mask()))
+        self.head[1].bias.fill_(math.log(max(mean_d, self.eps) + self.eps))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
+
+    def log_var(self, embedding: Tensor) -> Tensor:
+        """Predicted log σ², `[B, out_dim]`, after the floor and clamp."""
+        if self.head is None:
+            raise RuntimeError("PAD head not built: pass in_dim or call build() with an example batch")
+        x = _flatten(embedding.detach() if self.detach_input else embedding)
+        s = self.head(x.float()).float()
+        if self.log_var_floor is not None:
+            s = self.log_var_floor + F.softplus(s - self.log_var_floor)
+        if self.clamp is not None:
+            s = s.clamp(self.clamp[0], self.clamp[1])
+        return s
+
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+        d = Discrepancy.of(d)
+        if embedding is None:
+            raise ValueError("PAD needs the student embedding: call pad(d, embedding)")
+        if self.head is None or (self.init == "data" and not self._ready and self.training):
+            self.build(d, embedding)
+        with torch.autocast(device_type=d.value.device.type, enabled=False):
+            values, _ = d.matrix()
+            s = self.log_var(embedding)
+            if s.shape[1] not in (1, values.shape[1]):
+                raise ValueError(
+                    f"PAD head predicts {s.shape[1]} log-variances per sample but the discrepancy has "
+                    f"E={values.shape[1]} elements: use out_dim={values.shape[1]} or mode='per_sample'"
+                )
+            s = s.expand_as(values)
+            nll = values.float() / (torch.exp(s) + self.eps) + s
+            per_sample = d.reduce_elements(nll)
+            loss = batch_mean(per_sample, d.sample_mask())
+            if self.warmup_steps > 0:
+                loss = loss * (self.step.clamp_max(self.warmup_steps).float() + 1) / (self.warmup_steps + 1)
+        if self.training:
+            self.step += 1
+        with torch.no_grad():
+            weight = d.reduce_elements(torch.exp(-s.detach()))
+            log_var = d.reduce_elements(s.detach())
+        return WeightedLoss(loss=loss, weight=weight, log_var=log_var)
+
+
+def _flatten(embedding: Tensor) -> Tensor:
+    """`[B, D]` from an embedding; feature maps `[B, C, ...]` are average-pooled to `[B, C]`."""
+    return embedding.flatten(2).mean(-1) if embedding.dim() > 2 else embedding

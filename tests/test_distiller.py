@@ -1,0 +1,450 @@
+"""Distiller: frozen teacher, taps, named losses, per-sample records, aux state, PAD end to end."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from padkd.discrepancy import Discrepancy
+from padkd.distiller import Distiller, Term
+from padkd.errors import PadkdError
+from padkd.methods import KD, Batch, FitNet, Hint
+from padkd.taps import Taps, last_linear_input
+from padkd.weighting import PAD, WEIGHTINGS
+
+B, IN, CLASSES = 16, 10, 4
+
+
+def ce(out: torch.Tensor, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(out, batch.targets)
+
+
+def teacher_mlp() -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(IN, 16), bn=nn.BatchNorm1d(16), act=nn.ReLU(), fc=nn.Linear(16, CLASSES)
+        )
+    )
+
+
+def student_mlp(width: int = 8) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(fc1=nn.Linear(IN, width), bn=nn.BatchNorm1d(width), act=nn.ReLU(), fc=nn.Linear(width, CLASSES))
+    )
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, stride=2), nn.BatchNorm2d(channels), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def mlp_batch(seed: int = 0, n: int = B) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, IN, generator=g)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    return Batch(inputs=x, targets=y, index=torch.arange(n) + 100 * seed)
+
+
+def cnn_batch(seed: int = 0, n: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(
+        inputs=torch.randn(n, 3, 8, 8, generator=g),
+        targets=torch.randint(0, CLASSES, (n,), generator=g),
+        index=torch.arange(n),
+    )
+
+
+def mlp_distiller(**kw) -> Distiller:
+    torch.manual_seed(0)
+    teacher, student = teacher_mlp(), student_mlp()
+    # give the teacher non-trivial running statistics
+    with torch.no_grad():
+        teacher.bn.running_mean.uniform_(-1, 1)
+        teacher.bn.running_var.uniform_(0.5, 2)
+    terms = [
+        Term("kd", KD(), student="output", teacher="output"),
+        Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in"),
+    ]
+    return Distiller(student, teacher, terms=terms, task_loss=ce, **kw)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith(skip):
+            continue
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------ teacher
+
+
+def test_teacher_untouched_by_training_step():
+    dist = mlp_distiller()
+    teacher = dist.teacher
+    b = mlp_batch()
+    dist.prepare(b)
+    before = snapshot(teacher)
+    s_before = snapshot(dist.student)
+    opt = torch.optim.SGD(dist.parameters(), lr=0.5)
+    dist.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    for step in range(3):
+        out = dist(mlp_batch(step))
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    assert_same_state(before, snapshot(teacher))
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+    # the student did train
+    assert any(not torch.equal(s_before[k], v) for k, v in snapshot(dist.student).items())
+    # teacher parameters are invisible to the optimizer and to the distiller's state dict
+    t_ids = {id(p) for p in teacher.parameters()}
+    assert not t_ids & {id(p) for p in dist.parameters()}
+    sd = dist.state_dict()
+    assert not any(k.startswith("_teacher") or k.startswith("teacher") for k in sd)
+    t_ptrs = {v.data_ptr() for v in teacher.state_dict().values()}
+    assert not t_ptrs & {v.data_ptr() for v in sd.values()}
+    assert out.teacher is not None and not out.teacher.requires_grad
+
+
+def test_teacher_bn_running_stats_unchanged_in_train_mode():
+    dist = mlp_distiller()
+    b = mlp_batch()
+    dist.prepare(b)
+    dist.train()
+    before = snapshot(dist.teacher)
+    out = dist(b)
+    assert_same_state(before, snapshot(dist.teacher))
+    # teacher ran in eval mode: its output equals a plain eval forward
+    with torch.no_grad():
+        torch.testing.assert_close(out.teacher, dist.teacher.eval()(b.inputs))
+
+
+def test_teacher_train_bn_uses_batch_stats_but_keeps_running_stats():
+    dist = mlp_distiller(teacher_train_bn=True)
+    b = mlp_batch()
+    dist.prepare(b)
+    dist.train()
+    bns = [m for m in dist.teacher.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert bns and all(m.training for m in bns)
+    assert not dist.teacher.fc.training and not dist.teacher.training
+    before = snapshot(dist.teacher)
+    out = dist(b)
+    # running statistics untouched (num_batches_tracked is a counter, not a statistic)
+    assert_same_state(before, snapshot(dist.teacher), skip=("num_batches_tracked",))
+    # ... and the forward really used batch statistics
+    t = dist.teacher
+    with torch.no_grad():
+        h = t.fc1(b.inputs)
+        h = F.batch_norm(h, None, None, t.bn.weight, t.bn.bias, training=True, eps=t.bn.eps)
+        expected = t.fc(t.act(h))
+    torch.testing.assert_close(out.teacher, expected)
+    # eval switches the teacher's BN back to eval
+    dist.eval()
+    assert not any(m.training for m in dist.teacher.modules())
+
+
+def test_teacher_train_bn_cnn_running_stats_unchanged():
+    torch.manual_seed(1)
+    teacher, student = TinyCNN(6), TinyCNN(4)
+    dist = Distiller(
+        student, teacher,
+        terms=[Term("fit", FitNet(), WEIGHTINGS.build("pad", {"mode": "per_sample"}),
+                    student="features.3", teacher="features.3")],
+        teacher_train_bn=True,
+    )
+    b = cnn_batch()
+    dist.prepare(b)
+    dist.train()
+    stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
+    out = dist(b)
+    out.total.backward()
+    for k, v in teacher.state_dict().items():
+        if "running" in k:
+            assert torch.equal(stats[k], v), k
+    assert out.records["fit"]["discrepancy"].shape == (8,)
+
+
+def test_distiller_moves_teacher_with_it():
+    dist = mlp_distiller()
+    dist.double()
+    assert all(p.dtype == torch.float64 for p in dist.teacher.parameters())
+    assert all(p.dtype == torch.float64 for p in dist.student.parameters())
+
+
+# ------------------------------------------------------------------------------- construction
+
+
+def test_forward_before_prepare_raises():
+    dist = mlp_distiller()
+    with pytest.raises(RuntimeError, match="prepare"):
+        dist(mlp_batch())
+
+
+def test_no_terms_needs_no_prepare():
+    torch.manual_seed(2)
+    dist = Distiller(student_mlp(), task_loss=ce)
+    b = mlp_batch()
+    out = dist(b)
+    assert list(out.losses) == ["task"] and out.teacher is None and out.records == {}
+    torch.testing.assert_close(out.total, ce(dist.student(b.inputs), b))
+
+
+def test_bad_term_configs_raise():
+    with pytest.raises(ValueError, match="teacher"):
+        Distiller(student_mlp(), None, terms=[Term("kd", KD())])
+    with pytest.raises(ValueError, match="unique"):
+        Distiller(student_mlp(), teacher_mlp(), terms=[Term("kd", KD()), Term("kd", KD())])
+    with pytest.raises(ValueError, match="task"):
+        Distiller(student_mlp(), teacher_mlp(), terms=[Term("task", KD())])
+
+
+def test_losses_and_records():
+    dist = mlp_distiller(task_weight=0.5)
+    b = mlp_batch()
+    dist.prepare(b)
+    dist.train()
+    out = dist(b)
+    assert list(out.losses) == ["task", "kd", "hint"]
+    torch.testing.assert_close(out.losses["task"], 0.5 * ce(out.student, b))
+    torch.testing.assert_close(out.total, sum(out.losses.values()))
+    assert set(out.records) == {"kd", "hint"}
+    assert set(out.records["kd"]) == {"discrepancy", "weight"}
+    assert set(out.records["hint"]) == {"discrepancy", "weight", "log_var"}
+    for rec in out.records.values():
+        for v in rec.values():
+            assert v.shape == (B,) and not v.requires_grad
+    # KD record equals the method's own per-sample value; uniform weights are 1
+    kd = KD()(out.student.detach(), out.teacher, b)
+    torch.testing.assert_close(out.records["kd"]["discrepancy"], kd)
+    torch.testing.assert_close(out.records["kd"]["weight"], torch.ones(B))
+    torch.testing.assert_close(out.losses["kd"], kd.mean())
+    # PAD record: weight = mean_e exp(-log σ²) ≥ exp(-mean log σ²) (Jensen), both positive
+    rec = out.records["hint"]
+    assert (rec["weight"] > 0).all()
+    assert (rec["weight"] >= torch.exp(-rec["log_var"]) - 1e-6).all()
+
+
+def test_term_weight_scales_loss():
+    torch.manual_seed(3)
+    teacher, student = teacher_mlp(), student_mlp()
+    b = mlp_batch()
+    d1 = Distiller(student, teacher, terms=[Term("kd", KD(), weight=1.0)])
+    d3 = Distiller(student, teacher, terms=[Term("kd", KD(), weight=3.0)])
+    d1.prepare(b)
+    d3.prepare(b)
+    torch.testing.assert_close(d3(b).losses["kd"], 3 * d1(b).losses["kd"])
+
+
+def test_aux_state_dict_holds_heads_and_connectors():
+    dist = mlp_distiller()
+    dist.prepare(mlp_batch())
+    aux = dist.aux_state_dict()
+    assert "1.weighting.head.0.weight" in aux
+    assert "1.weighting.head.1.running_var" in aux
+    assert "1.weighting.initialized" in aux and bool(aux["1.weighting.initialized"])
+    assert "1.method.connector.weight" in aux and aux["1.method.connector.weight"].shape == (16, 8)
+    assert aux["1.weighting.head.0.weight"].shape == (16, 8)  # embedding width 8 → E = 16
+    student_keys = set(dist.student.state_dict())
+    assert not any("weighting" in k or "connector" in k or "head" in k for k in student_keys)
+    assert student_keys == set(student_mlp().state_dict())
+    # aux parameters train with the student
+    ids = {id(p) for p in dist.parameters()}
+    pad = dist.terms[1].weighting
+    assert all(id(p) in ids for p in pad.parameters())
+    assert all(id(p) in ids for p in dist.terms[1].method.connector.parameters())
+
+
+def test_prepare_initialises_pad_from_data_without_touching_student_bn():
+    dist = mlp_distiller()
+    b = mlp_batch()
+    s_before = snapshot(dist.student)
+    dist.train()
+    dist.prepare(b)
+    assert dist.training  # restored
+    assert_same_state(s_before, snapshot(dist.student))
+    pad = dist.terms[1].weighting
+    assert pad._ready and int(pad.step) == 0
+    # the bias is log of the mean hint discrepancy measured in eval mode
+    with torch.no_grad():
+        dist.eval()
+        out = dist(b)
+    expected = torch.log(out.records["hint"]["discrepancy"].mean() + pad.eps)
+    torch.testing.assert_close(pad.head[1].bias, expected.expand(16), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_is_idempotent():
+    dist = mlp_distiller()
+    b = mlp_batch()
+    dist.prepare(b)
+    connector = dist.terms[1].method.connector
+    aux = {k: v.clone() for k, v in dist.aux_state_dict().items()}
+    dist.prepare(b)
+    assert dist.terms[1].method.connector is connector
+    assert_same_state(aux, dist.aux_state_dict())
+
+
+# ---------------------------------------------------------------------------------------- taps
+
+
+def test_bad_tap_path_did_you_mean():
+    student = student_mlp()
+    with pytest.raises(PadkdError, match="no module 'fcc'; did you mean 'fc'"):
+        Taps(student, {"fcc:in"}, "student")
+    with pytest.raises(PadkdError, match="suffix"):
+        Taps(student, {"fc:out"}, "student")
+    dist = Distiller(student, teacher_mlp(), terms=[Term("h", Hint(), student="fc1x", teacher="fc1")])
+    with pytest.raises(PadkdError, match="student tap 'fc1x'.*did you mean 'fc1'"):
+        dist.prepare(mlp_batch())
+
+
+def test_tap_captures_module_input_and_output():
+    torch.manual_seed(4)
+    student = student_mlp().eval()
+    taps = Taps(student, {"fc:in", "fc1", "output"}, "student")
+    x = torch.randn(B, IN)
+    out = student(x)
+    values = taps.take(out)
+    taps.close()
+    assert set(values) == {"fc:in", "fc1", "output"}
+    expected_in = student.act(student.bn(student.fc1(x)))
+    torch.testing.assert_close(values["fc:in"], expected_in)
+    torch.testing.assert_close(values["fc1"], student.fc1(x))
+    assert values["output"] is out
+    # take() clears, close() removes the hooks
+    assert taps.values == {}
+    student(x)
+    assert taps.values == {}
+    assert not student.fc._forward_hooks
+
+
+def test_distiller_removes_hooks_after_forward():
+    dist = mlp_distiller()
+    b = mlp_batch()
+    dist.prepare(b)
+    dist(b)
+    for m in list(dist.student.modules()) + list(dist.teacher.modules()):
+        assert not m._forward_hooks
+
+
+def test_embedding_auto_picks_last_linear_input():
+    assert last_linear_input(student_mlp()) == "fc:in"
+    assert last_linear_input(TinyCNN(3)) == "fc:in"
+    with pytest.raises(PadkdError, match="nn.Linear"):
+        last_linear_input(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    dist = mlp_distiller()
+    assert dist.terms[1].embedding_tap == "fc:in"
+    assert dist.terms[0].embedding_tap is None  # uniform does not need one
+    explicit = Distiller(
+        student_mlp(), teacher_mlp(),
+        terms=[Term("h", Hint(), PAD(), student="fc:in", teacher="fc:in", embedding="fc1")],
+    )
+    assert explicit.terms[0].embedding_tap == "fc1"
+    named = Distiller(
+        student_mlp(), teacher_mlp(), embedding="fc1",
+        terms=[Term("h", Hint(), PAD(), student="fc:in", teacher="fc:in")],
+    )
+    assert named.terms[0].embedding_tap == "fc1"
+
+
+def test_pad_reads_the_tapped_embedding():
+    """The PAD head sees the student's `fc:in` tensor and gradients flow back into the student."""
+    dist = mlp_distiller()
+    b = mlp_batch()
+    dist.prepare(b)
+    dist.train()
+    out = dist(b)
+    pad = dist.terms[1].weighting
+    pad.zero_grad()
+    dist.student.zero_grad()
+    out.losses["hint"].backward()
+    assert pad.head[0].weight.grad.abs().sum() > 0
+    assert dist.student.fc1.weight.grad.abs().sum() > 0
+    assert dist.student.fc.weight.grad is None  # fc is after the tap; only KD/task reach it
+
+
+def test_student_without_linear_and_no_pad():
+    student = nn.Sequential(nn.Conv2d(3, CLASSES, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    teacher = nn.Sequential(nn.Conv2d(3, CLASSES, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    dist = Distiller(student, teacher, terms=[Term("kd", KD())])
+    dist.prepare(cnn_batch())
+    assert dist(cnn_batch()).losses["kd"].shape == ()
+
+
+# -------------------------------------------------------------------------------- end to end
+
+
+def test_pad_trains_end_to_end():
+    torch.manual_seed(5)
+    teacher = teacher_mlp()
+    with torch.no_grad():
+        teacher.bn.running_var.fill_(1.0)
+    student = student_mlp(width=12)
+    dist = Distiller(
+        student, teacher,
+        terms=[Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in")],
+        task_loss=ce,
+    )
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, IN, generator=g)
+    with torch.no_grad():
+        y = teacher.eval()(x).argmax(1)
+    b = Batch(inputs=x, targets=y, index=torch.arange(64))
+    dist.prepare(b)
+    opt = torch.optim.Adam(dist.parameters(), lr=1e-2)
+    dist.train()
+    totals, hint_d = [], []
+    for _ in range(50):
+        out = dist(b)
+        assert torch.isfinite(out.total)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        totals.append(out.total.item())
+        hint_d.append(out.records["hint"]["discrepancy"].mean().item())
+    assert sum(totals[-5:]) / 5 < sum(totals[:5]) / 5 - 0.5
+    assert hint_d[-1] < 0.5 * hint_d[0]  # the student really mimics the teacher's features
+    assert int(dist.terms[0].weighting.step) == 50
+
+
+def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
+    torch.manual_seed(7)
+    teacher, student = TinyCNN(6), TinyCNN(4)
+    dist = Distiller(
+        student, teacher,
+        terms=[
+            Term("kd", KD(2.0), WEIGHTINGS.build("focal")),
+            Term("kd_pad", KD(2.0), WEIGHTINGS.build("pad", {"mode": "per_sample"})),
+        ],
+        task_loss=ce,
+    )
+    b = cnn_batch()
+    dist.prepare(b)
+    dist.train()
+    out = dist(b)
+    assert set(out.losses) == {"task", "kd", "kd_pad"}
+    torch.testing.assert_close(out.records["kd"]["discrepancy"], out.records["kd_pad"]["discrepancy"])
+    assert out.records["kd"]["weight"].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert dist.terms[1].weighting.head[0].in_features == 4  # TinyCNN(4).fc:in
+    d = Discrepancy(out.records["kd"]["discrepancy"])
+    assert d.batch_size == 8
