@@ -1,0 +1,275 @@
+"""Report on a `padkd demo` directory: accuracy over seeds, paired differences against the baseline,
+learning curves, and what PAD's learned variance says about the test samples.
+
+Everything is read back from the demo's files (results.json, each run's metrics.jsonl and records CSVs),
+so the report can be regenerated at any time with `write_report(out_dir)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from padkd.config import DataConfig
+from padkd.data import DATASETS
+from padkd.engine.logging import read_metrics
+from padkd.engine.records import read_csv
+from padkd.errors import PadkdError
+from padkd.report import plots
+from padkd.report.markdown import Figure, VarianceSummary, format_table, render
+from padkd.report.stats import mean_std, paired_ci, spearman, verdict
+
+__all__ = ["format_table", "summarize", "write_report"]
+
+N_IMAGES = 8
+#: Data sets whose test images the report draws: bundled with scikit-learn, so no download is triggered.
+IMAGE_DATASETS = ("digits",)
+_RECORDS = re.compile(r"^(\d+)-(.+)-test\.csv$")
+_TITLES = {"learning_curves": "Validation top-1 over training", "sigma_vs_error": "Learned σ² vs discrepancy",
+           "sigma_by_teacher": "Learned σ² and the teacher", "prime_images": "Most and least prime test images"}
+
+
+class _Skipped(Exception):
+    """A figure or summary that cannot be produced from this demo directory; the message says why."""
+
+
+@dataclass(frozen=True)
+class PadRecords:
+    """Per-sample test records of one PAD term."""
+
+    path: Path
+    index: np.ndarray
+    target: np.ndarray
+    teacher_pred: np.ndarray
+    teacher_confidence: np.ndarray
+    discrepancy: np.ndarray
+    log_var: np.ndarray
+
+    @property
+    def sigma2(self) -> np.ndarray:
+        return np.exp(self.log_var)
+
+    @property
+    def teacher_correct(self) -> np.ndarray:
+        return self.teacher_pred == self.target
+
+
+def _per_seed(table: dict[str, Any], seeds: list[str]) -> dict[str, float]:
+    """A method's value per seed, in the demo's seed order, for the seeds that have one."""
+    return {s: float(table[s]) for s in seeds if table.get(s) is not None}
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: test top-1 over seeds (last epoch and best-val checkpoint) and the paired
+    difference of the last-epoch top-1 to the baseline with its 95% t interval and verdict."""
+    seeds = [str(s) for s in results["seeds"]]
+    labels = results.get("labels", {})
+    baseline = results.get("baseline")
+    base = _per_seed(results["test_top1"].get(baseline, {}), seeds)
+    rows = []
+    for method in results["methods"]:
+        last = _per_seed(results["test_top1"].get(method, {}), seeds)
+        best = _per_seed(results.get("best_test_top1", {}).get(method, {}), seeds)
+        mean, std = mean_std(list(last.values())) if last else (None, None)
+        best_mean, best_std = mean_std(list(best.values())) if best else (None, None)
+        pairs = [s for s in last if s in base]
+        diff: float | None = None
+        low: float | None = None
+        high: float | None = None
+        if method == baseline:
+            judged = "baseline"
+        elif pairs:
+            diff, low, high = paired_ci([last[s] for s in pairs], [base[s] for s in pairs])
+            judged = verdict(low, high)
+        else:
+            judged = "n/a"
+        rows.append({"method": method, "label": labels.get(method, method), "seeds": list(last),
+                     "values": list(last.values()), "mean": mean, "std": std, "n": len(last),
+                     "best_seeds": list(best), "best_values": list(best.values()), "best_mean": best_mean,
+                     "best_std": best_std, "n_pairs": len(pairs) if method != baseline else 0,
+                     "diff_mean": diff, "ci_low": low, "ci_high": high, "verdict": judged})
+    return rows
+
+
+def _curve(events: list[dict[str, Any]]) -> tuple[dict[int, float], list[int]]:
+    """Validation top-1 by global epoch (epochs counted across stages) and the epochs where stages end."""
+    epochs = sorted((e["stage"], e["epoch"], float(e["val"]["top1"])) for e in events
+                    if e.get("event") == "epoch" and "top1" in e.get("val", {}))
+    lengths: dict[int, int] = {}
+    for stage, epoch, _ in epochs:
+        lengths[stage] = max(lengths.get(stage, 0), epoch)
+    offsets: dict[int, int] = {}
+    total = 0
+    for stage in sorted(lengths):
+        offsets[stage] = total
+        total += lengths[stage]
+    return {offsets[s] + e: v for s, e, v in epochs}, [offsets[s] for s in sorted(lengths)[1:]]
+
+
+def _learning_curves(results: dict[str, Any], out_dir: Path, plot_dir: Path) -> Figure:
+    title = _TITLES["learning_curves"]
+    curves: dict[str, dict[int, list[float]]] = {}
+    boundaries: set[int] = set()
+    for method in results["methods"]:
+        for seed in results["seeds"]:
+            run = results.get("runs", {}).get(method, {}).get(str(seed))
+            if run is None:
+                continue
+            curve, ends = _curve(read_metrics(out_dir / run))
+            boundaries.update(ends)
+            for epoch, value in curve.items():
+                curves.setdefault(method, {}).setdefault(epoch, []).append(value)
+    if not curves:
+        return Figure(title, "", note="no run directory holds epoch events in metrics.jsonl.")
+    teacher_run = results.get("teacher_run")
+    teacher_curve = _curve(read_metrics(out_dir / teacher_run))[0] if teacher_run else {}
+    teacher_top1 = teacher_curve[max(teacher_curve)] if teacher_curve else None
+    path = plot_dir / "learning_curves.png"
+    plots.learning_curves(curves, results.get("labels", {}), sorted(boundaries), path, teacher_top1)
+    caption = ("Mean over seeds with a ±1 std band; epochs are counted across stages and dashed lines mark where "
+               "a stage ends." + (" The dotted line is the teacher's validation top-1 after its last epoch."
+                                  if teacher_top1 is not None else ""))
+    return Figure(title, caption, path.relative_to(out_dir).as_posix())
+
+
+def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
+    """Test records of the PAD term for the first seed: the highest stage whose CSV has `{term}.log_var`."""
+    pad, term = results.get("pad"), results.get("pad_term")
+    seed = str(results["seeds"][0])
+    run = results.get("runs", {}).get(pad, {}).get(seed) if pad else None
+    if run is None or not term:
+        raise _Skipped(f"results.json names no PAD method, PAD term or PAD run for seed {seed}.")
+    candidates = []
+    for path in (out_dir / run / "records").glob("*-test.csv"):
+        match = _RECORDS.match(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    column = f"{term}.log_var"
+    for _, path in sorted(candidates, reverse=True):
+        with open(path, newline="") as f:
+            if column not in next(csv.reader(f), []):
+                continue
+        table = read_csv(path)
+        needed = ["index", "target", "teacher_pred", "teacher_confidence", f"{term}.discrepancy", column]
+        missing = [c for c in needed if c not in table]
+        if missing:
+            raise _Skipped(f"{path.relative_to(out_dir)} lacks the column(s) {', '.join(missing)}.")
+        if not table["index"]:
+            raise _Skipped(f"{path.relative_to(out_dir)} holds no samples.")
+        return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table["target"], dtype=int),
+                          np.asarray(table["teacher_pred"], dtype=int), np.asarray(table["teacher_confidence"]),
+                          np.asarray(table[f"{term}.discrepancy"]), np.asarray(table[column]))
+    raise _Skipped(f"no test records CSV with a `{column}` column under {run}/records.")
+
+
+def _variance_summary(records: PadRecords, out_dir: Path, term: str) -> VarianceSummary:
+    correct = records.teacher_correct
+    groups = [records.log_var[correct], records.log_var[~correct]]
+    means = [float(g.mean()) if g.size else None for g in groups]
+    return VarianceSummary(
+        source=records.path.relative_to(out_dir).as_posix(), term=term, n=len(records.index),
+        rho_discrepancy=spearman(records.sigma2, records.discrepancy),
+        rho_confidence=spearman(records.sigma2, records.teacher_confidence),
+        mean_log_var_correct=means[0], n_correct=int(groups[0].size),
+        mean_log_var_wrong=means[1], n_wrong=int(groups[1].size))
+
+
+def _data_options(run_dir: Path, dataset: str) -> dict[str, Any]:
+    """The data options the run was trained with (its config.yaml), so test indices match the same split."""
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        return {}
+    data = DataConfig.model_validate(yaml.safe_load(config.read_text())["data"])
+    return data.options if data.name == dataset else {}
+
+
+def _display(image: Any, mean: float, std: float) -> np.ndarray:
+    """A normalised `[C, H, W]` tensor as a displayable `[H, W]` or `[H, W, 3]` array in input units."""
+    array = np.asarray(image, dtype=float) * std + mean
+    if array.ndim == 3 and array.shape[0] == 1:
+        return array[0]
+    if array.ndim == 3 and array.shape[0] == 3:
+        return array.transpose(1, 2, 0)
+    raise _Skipped(f"test images have shape {tuple(array.shape)}, not [1, H, W] or [3, H, W].")
+
+
+def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, plot_dir: Path) -> Figure:
+    dataset = results.get("dataset")
+    if dataset not in IMAGE_DATASETS:
+        raise _Skipped(f"test images are drawn only for {', '.join(IMAGE_DATASETS)} (bundled, no download); "
+                       f"this demo used '{dataset}'.")
+    run_dir = records.path.parent.parent
+    data = DATASETS.build(dataset, _data_options(run_dir, dataset), "data")
+    mean, std = data.normalization
+    order = np.argsort(records.log_var, kind="stable")
+    k = min(N_IMAGES, order.size)
+    rows = []
+    for name, picks in (("smallest σ² (most prime)", order[:k]), ("largest σ²", order[::-1][:k])):
+        items = []
+        for j in picks:
+            i = int(records.index[j])
+            if not 0 <= i < len(data.test):
+                raise _Skipped(f"record index {i} is outside the test split ({len(data.test)} samples).")
+            image, label, _ = data.test[i]
+            if int(label) != records.target[j]:
+                raise _Skipped("the records' targets do not match the rebuilt test split (different data options?).")
+            items.append((_display(image, mean, std),
+                          f"y={int(label)} T={records.teacher_pred[j]}\nσ²={records.sigma2[j]:.3g}"))
+        rows.append((name, items))
+    path = plot_dir / "prime_images.png"
+    plots.prime_images(rows, path)
+    return Figure(_TITLES["prime_images"], f"The {k} test images with the smallest learned σ² (top; "
+                  f"most weight) and the {k} with the largest (bottom), de-normalised and drawn on one intensity "
+                  "scale; y = label, T = teacher prediction.", path.relative_to(out_dir).as_posix())
+
+
+def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, records: PadRecords,
+                      variance: VarianceSummary) -> dict[str, Figure]:
+    """The three figures about the learned variance (the image grid only where the data can be drawn)."""
+    path = plot_dir / "sigma_vs_error.png"
+    plots.sigma_vs_error(records.sigma2, records.discrepancy, records.teacher_correct, variance.rho_discrepancy,
+                         path)
+    figures = {"sigma_vs_error": Figure(_TITLES["sigma_vs_error"], (
+        "Each point is a test sample (log-log axes); the dashed line σ² = d is where PAD's loss is minimal for that "
+        "sample. Colour: whether the teacher classifies the sample correctly."), path.relative_to(out_dir).as_posix())}
+    path = plot_dir / "sigma_by_teacher.png"
+    plots.sigma_by_teacher(records.log_var, records.teacher_confidence, records.teacher_correct, path)
+    figures["sigma_by_teacher"] = Figure(_TITLES["sigma_by_teacher"], (
+        "Left: log σ² of test samples the teacher gets right vs wrong. Right: log σ² against the teacher's "
+        "confidence."), path.relative_to(out_dir).as_posix())
+    try:
+        figures["prime_images"] = _prime_images(results, out_dir, records, plot_dir)
+    except _Skipped as why:
+        figures["prime_images"] = Figure(_TITLES["prime_images"], "", note=str(why))
+    return figures
+
+
+def write_report(out_dir: Path) -> Path:
+    """Write `out_dir/report.md` and its PNGs under `out_dir/plots/` from a `padkd demo` directory."""
+    out_dir = Path(out_dir)
+    results_path = out_dir / "results.json"
+    if not results_path.exists():
+        raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`")
+    results = json.loads(results_path.read_text())
+    plot_dir = out_dir / "plots"
+    figures = {"learning_curves": _learning_curves(results, out_dir, plot_dir)}
+    variance, variance_note = None, ""
+    try:
+        records = _pad_records(results, out_dir)
+    except _Skipped as why:
+        variance_note = str(why)
+        figures |= {name: Figure(_TITLES[name], "", note=variance_note)
+                    for name in ("sigma_vs_error", "sigma_by_teacher", "prime_images")}
+    else:
+        variance = _variance_summary(records, out_dir, results["pad_term"])
+        figures |= _variance_figures(results, out_dir, plot_dir, records, variance)
+    report = out_dir / "report.md"
+    report.write_text(render(results, summarize(results), figures, variance, variance_note))
+    return report

@@ -1,0 +1,187 @@
+"""Report: statistics, verdicts, and a full report.md + PNGs from a synthetic demo directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from padkd.data import DATASETS
+from padkd.errors import PadkdError
+from padkd.report import format_table, summarize, write_report
+from padkd.report.stats import mean_std, paired_ci, spearman
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("learning_curves", "sigma_vs_error", "sigma_by_teacher", "prime_images")
+LABELS = {"l2": "L2 hint (epoch-matched)", "pad_l2": "PAD-L2 (two-stage)", "kd": "KD (T=4)"}
+TOP1 = {"l2": {"0": 93.1, "1": 92.5}, "pad_l2": {"0": 94.0, "1": 93.6}, "kd": {"0": 91.0, "1": 92.9}}
+BEST = {"l2": {"0": 93.4, "1": 92.8}, "pad_l2": {"0": 94.2, "1": 93.9}, "kd": {"0": 91.5, "1": 93.0}}
+
+
+# ---------------------------------------------------------------------------------------------- stats
+def test_mean_std_sample_std_and_single_value():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_paired_ci_student_t():
+    mean, low, high = paired_ci([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])  # diffs 1, 2, 3
+    assert mean == pytest.approx(2.0)
+    assert low == pytest.approx(2.0 - 2.4841, abs=1e-4)
+    assert high == pytest.approx(2.0 + 2.4841, abs=1e-4)
+    assert paired_ci([3.0], [1.0]) == (2.0, None, None)
+    with pytest.raises(ValueError):
+        paired_ci([1.0, 2.0], [1.0])
+
+
+def test_spearman_monotone_nan_safe_and_degenerate():
+    x = np.arange(1.0, 11.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -np.exp(x)) == pytest.approx(-1.0)
+    assert spearman([*x, math.nan], [*x**3, 5.0]) == pytest.approx(1.0)
+    assert math.isnan(spearman(x, np.ones_like(x)))
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+def results_for(top1: dict[str, dict[str, float]], seeds: list[int]) -> dict[str, Any]:
+    return {"methods": list(top1), "labels": {m: m.upper() for m in top1}, "baseline": "base", "seeds": seeds,
+            "test_top1": top1, "best_test_top1": top1}
+
+
+def test_summarize_verdicts():
+    base = {"0": 90.0, "1": 91.0, "2": 92.0}
+    rows = summarize(results_for({
+        "base": base,
+        "up": {s: v + 1.0 + 0.1 * i for i, (s, v) in enumerate(base.items())},
+        "down": {s: v - 1.0 - 0.1 * i for i, (s, v) in enumerate(base.items())},
+        "noisy": {s: v + d for (s, v), d in zip(base.items(), [2.0, -2.0, 0.5], strict=True)},
+    }, [0, 1, 2]))
+    by = {r["method"]: r for r in rows}
+    assert by["up"]["verdict"] == "better" and by["up"]["ci_low"] > 0
+    assert by["down"]["verdict"] == "worse" and by["down"]["ci_high"] < 0
+    assert by["noisy"]["verdict"] == "not distinguishable"
+    assert by["base"]["verdict"] == "baseline" and by["base"]["diff_mean"] is None
+    assert by["up"]["diff_mean"] == pytest.approx(1.1)
+    assert by["up"]["mean"] == pytest.approx(92.1) and by["up"]["n"] == 3
+    table = format_table(rows)
+    assert all(m.upper() in table for m in by) and len(table.splitlines()) == len(rows) + 2
+
+
+def test_summarize_single_seed_has_no_interval():
+    rows = summarize(results_for({"base": {"0": 90.0}, "other": {"0": 95.0}}, [0]))
+    other = rows[1]
+    assert other["diff_mean"] == pytest.approx(5.0)
+    assert other["ci_low"] is None and other["verdict"] == "n/a" and other["std"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- full report
+def write_metrics(run_dir: Path, stages: list[tuple[str, int]], start: float) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines, step = [], 0
+    for index, (name, epochs) in enumerate(stages):
+        for epoch in range(1, epochs + 1):
+            step += 10
+            lines.append({"event": "epoch", "stage": index, "stage_name": name, "epoch": epoch, "global_step": step,
+                          "lr": 0.01, "train": {"task": 0.5, "total": 0.5},
+                          "val": {"top1": start + 2.0 * step / 10, "top5": 99.0, "loss": 0.3},
+                          "time_s": 0.1, "samples_per_s": 1000.0})
+    lines.append({"event": "final", "best_val_top1": lines[-1]["val"]["top1"]})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def write_records(path: Path, columns: dict[str, list[float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(columns))
+        writer.writerows(zip(*columns.values(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def test_labels() -> list[int]:
+    return [int(label) for _, label, _ in DATASETS.build("digits").test]
+
+
+def make_demo(root: Path, labels: list[int], dataset: str = "digits") -> dict[str, Any]:
+    """A two-seed demo directory: baseline, PAD (two stages, with records) and KD; returns the PAD records."""
+    seeds = [0, 1]
+    runs = {m: {str(s): f"seed{s}/{m}" for s in seeds} for m in LABELS}
+    results = {"dataset": dataset, "methods": list(LABELS), "labels": LABELS, "baseline": "l2", "pad": "pad_l2",
+               "pad_term": "hint", "seeds": seeds, "runs": runs, "teacher_run": "teacher", "test_top1": TOP1,
+               "best_test_top1": BEST, "teacher_test_top1": 98.9,
+               "epochs": {"stage1": 3, "stage2": 2, "total": 5}, "seconds": 12.3, "command": "padkd demo --seeds 2"}
+    (root / "results.json").write_text(json.dumps(results))
+    write_metrics(root / "teacher", [("teacher", 5)], 90.0)
+    for m in LABELS:
+        for s in seeds:
+            stages = [("l2", 3), ("pad", 2)] if m == "pad_l2" else [(m, 5)]
+            write_metrics(root / runs[m][str(s)], stages, 80.0 + s)
+    rng = np.random.default_rng(0)
+    n = 30
+    index = list(range(0, 10 * n, 10))
+    target = [labels[i] for i in index]
+    teacher_pred = [(t + 1) % 10 if k % 7 == 3 else t for k, t in enumerate(target)]
+    discrepancy = np.exp(rng.uniform(-4.0, 1.0, n))
+    log_var = np.log(discrepancy) + rng.normal(0.0, 0.1, n)
+    columns = {"index": index, "target": target, "student_pred": target,
+               "student_confidence": rng.uniform(0.5, 1.0, n).tolist(), "teacher_pred": teacher_pred,
+               "teacher_confidence": rng.uniform(0.3, 1.0, n).tolist(),
+               "teacher_true_prob": rng.uniform(0.3, 1.0, n).tolist(), "hint.discrepancy": discrepancy.tolist(),
+               "hint.weight": np.exp(-log_var).tolist(), "hint.log_var": log_var.tolist()}
+    pad_run = root / runs["pad_l2"]["0"]
+    write_records(pad_run / "records" / "1-pad-test.csv", columns)
+    # An earlier stage without the PAD column: must be passed over.
+    write_records(pad_run / "records" / "0-l2-test.csv", {k: v for k, v in columns.items() if k != "hint.log_var"})
+    return columns
+
+
+def is_png(path: Path) -> bool:
+    return path.stat().st_size > 100 and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_write_report_from_demo_dir(tmp_path: Path, test_labels: list[int]):
+    columns = make_demo(tmp_path, test_labels)
+    report = write_report(tmp_path)
+    assert report == tmp_path / "report.md"
+    text = report.read_text()
+    for label in LABELS.values():
+        assert label in text
+    mean, std = np.mean(list(TOP1["pad_l2"].values())), np.std(list(TOP1["pad_l2"].values()), ddof=1)
+    assert f"{mean:.2f} ± {std:.2f}" in text
+    rho = sps.spearmanr(columns["hint.log_var"], columns["hint.discrepancy"]).statistic
+    assert f"**{rho:.3f}**" in text
+    rho_conf = sps.spearmanr(columns["hint.log_var"], columns["teacher_confidence"]).statistic
+    assert f"{rho_conf:.3f}".replace("-", "\u2212") in text
+    n_wrong = sum(p != t for p, t in zip(columns["teacher_pred"], columns["target"], strict=True))
+    assert f"(n = {n_wrong})" in text and "records/1-pad-test.csv" in text
+    assert "PAD-L2 (two-stage) \u2212 L2 hint (epoch-matched) = +1.00 points" in text
+    assert "padkd demo --seeds 2" in text and "98.90 %" in text and "easy to mimic" in text
+    for name in PLOTS:
+        path = tmp_path / "plots" / f"{name}.png"
+        assert is_png(path), name
+        assert f"](plots/{name}.png)" in text
+
+
+def test_report_skips_what_it_cannot_draw(tmp_path: Path, test_labels: list[int]):
+    make_demo(tmp_path, test_labels, dataset="other")
+    text = write_report(tmp_path).read_text()
+    assert "Not drawn: test images are drawn only for digits" in text
+    assert not (tmp_path / "plots" / "prime_images.png").exists()
+    assert is_png(tmp_path / "plots" / "sigma_vs_error.png")
+    for csv_path in (tmp_path / "seed0" / "pad_l2" / "records").iterdir():
+        csv_path.unlink()
+    text = write_report(tmp_path).read_text()
+    assert "No variance summary: no test records CSV with a `hint.log_var` column" in text
+
+
+def test_report_needs_results_json(tmp_path: Path):
+    with pytest.raises(PadkdError, match="results.json"):
+        write_report(tmp_path)
