@@ -18,23 +18,22 @@ from padkd.registry import Registry, check_options, validate_options
 from padkd.tasks import Classification
 from padkd.weighting import WEIGHTINGS
 
-_LOADER_KEYS = {"batch_size", "eval_batch_size", "num_workers"}
 _MODEL_FIXED = {"in_channels", "num_classes"}
 
 
-def _check(registry: Registry[Any], comp: Component, where: str, fixed: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def _check(registry: Registry[Any], comp: Component, where: str, fixed: frozenset[str] = frozenset()) -> None:
     factory = registry.get(comp.name, f"{where}.name")
-    options = {k: v for k, v in comp.options.items() if k not in _LOADER_KEYS or registry is not DATASETS}
-    check_options(factory, options, where, set(fixed))
-    validate_options(factory, options, where)
+    also = frozenset(type(comp).model_fields) - {"name"}
+    check_options(factory, comp.options, where, set(fixed), also)
+    validate_options(factory, comp.options, where)
 
 
 def check_components(cfg: Config) -> None:
     """Resolve every registered name and option of every stage now, not when stage 2 starts."""
     _check(DATASETS, cfg.data, "data")
-    _check(MODELS, cfg.student.model, "student.model", _MODEL_FIXED)
+    _check(MODELS, cfg.student.model, "student.model", frozenset(_MODEL_FIXED))
     if cfg.teacher is not None:
-        _check(MODELS, cfg.teacher.model, "teacher.model", _MODEL_FIXED)
+        _check(MODELS, cfg.teacher.model, "teacher.model", frozenset(_MODEL_FIXED))
     for i, stage in enumerate(cfg.stages):
         if stage.terms and cfg.teacher is None:
             raise PadkdError(f"stages[{i}].terms: distillation terms need a teacher; add a 'teacher:' section")

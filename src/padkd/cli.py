@@ -19,8 +19,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from padkd.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    result = Trainer(cfg, resume=args.resume, quiet=args.quiet).run()
-    print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
+    trainer = Trainer(cfg, resume=args.resume, quiet=args.quiet)
+    result = trainer.run()
+    if trainer.main:
+        print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
     return 0
 
 

@@ -176,7 +176,9 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _format_error(err: pydantic.ValidationError) -> str:
-    first = err.errors()[0]
+    errors = err.errors()
+    # A misspelt key shows up twice (unknown + missing); the unknown one can say "did you mean".
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(p for p in first["loc"] if not isinstance(p, str) or not p.startswith("function-"))
     where = _loc(loc) or "config"
     if first["type"] == "extra_forbidden":
@@ -209,7 +211,11 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise PadkdError(f"override '{assignment}': expected key=value, e.g. stages.0.epochs=5")
     key, _, text = assignment.partition("=")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        raise PadkdError(f"override '{assignment}': the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                         "quote it, e.g. name='[x'") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):

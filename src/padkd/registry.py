@@ -86,15 +86,17 @@ def validate_options(factory: Callable[..., Any], options: dict[str, Any], where
     return out
 
 
-def check_options(factory: Callable[..., Any], options: dict[str, Any], where: str, fixed: set[str]) -> None:
-    """Reject option names the factory does not take, naming the closest valid one."""
+def check_options(factory: Callable[..., Any], options: dict[str, Any], where: str, fixed: set[str],
+                  also: frozenset[str] = frozenset()) -> None:
+    """Reject option names the factory does not take, naming the closest valid one (from its
+    parameters and `also`: keys valid beside them, such as a data section's loader keys)."""
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     allowed = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL} - fixed
     for key in options:
         if key not in allowed:
-            raise PadkdError(f"{where}.{key}: unknown option{did_you_mean(key, allowed)}")
+            raise PadkdError(f"{where}.{key}: unknown option{did_you_mean(key, allowed | also)}")
     for name in sorted(allowed):
         p = params[name]
         if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_POSITIONAL \

@@ -32,6 +32,8 @@ def read_idx(path: Path) -> np.ndarray:
     if data[2] not in dtypes:
         raise PadkdError(f"{path}: unknown IDX data type 0x{data[2]:02x}")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise PadkdError(f"{path}: file ends inside its IDX header (truncated download?); replace the file")
     dims = np.frombuffer(data, dtype=">u4", count=rank, offset=4).astype(int)
     array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * rank)
     if array.size != int(np.prod(dims)):

@@ -115,29 +115,42 @@ class Trainer:
         self._stop_requested = False
 
     # ------------------------------------------------------------------ set-up
-    def _prepare_run_dir(self) -> dict[str, Any] | None:
-        """Create or check the run directory; returns the checkpoint to resume from, if any."""
+    def _check_run_dir(self) -> None:
+        """Refuse an output_dir that holds another run (or, on resume, a run of another config)."""
         config_path = self.run_dir / "config.yaml"
-        text = dump_config(self.cfg)
         if config_path.exists():
             if not self.resume:
                 raise PadkdError(f"output_dir '{self.run_dir}' already holds a run; pass --resume to continue "
                                  "it, or set another output_dir (e.g. output_dir=runs/new)")
-            if config_path.read_text() != text:
+            if config_path.read_text() != dump_config(self.cfg):
                 raise PadkdError(f"output_dir '{self.run_dir}' holds a run with a different config; resume needs "
                                  "the same config and overrides, or set another output_dir")
         elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise PadkdError(f"output_dir '{self.run_dir}' is not empty and holds no padkd run; "
                              "choose an empty or new directory")
-        last = self.run_dir / "checkpoints" / "last.pt"
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        """The checkpoint to continue from (resume only); rank 0 checks the directory for every rank."""
+        error = None
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(text)
+            try:
+                self._check_run_dir()
+            except PadkdError as err:
+                error = str(err)
+        error = ddp.broadcast_object(error)
+        if error:
+            raise PadkdError(error)
+        last = self.run_dir / "checkpoints" / "last.pt"
         if self.resume and last.exists():
             return ckpt.load(last)
         if self.resume and self.main:
             log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
         return None
+
+    def _plain_loader(self, dataset: Any, batch_size: int) -> DataLoader:
+        """Unsharded, unshuffled loader with a private generator (never draws on the global RNG)."""
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _loader(self, data: DataSplits, split: str, train: bool) -> DataLoader:
         dataset = data.split(split)
@@ -149,9 +162,12 @@ class Trainer:
         else:
             sampler = ddp.ShardSampler(len(dataset), self.rank, self.world)
             batch_size = dc.eval_batch_size or dc.batch_size
+        # A private generator: starting an epoch's iterator must not draw on the global RNG, or a run
+        # resumed mid-epoch (one more iterator) would continue with another random stream.
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
                           num_workers=dc.num_workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=dc.num_workers > 0)
+                          persistent_workers=dc.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def _batch(self, items: tuple[Tensor, Tensor, Tensor]) -> Batch:
         x, y, idx = items
@@ -176,7 +192,7 @@ class Trainer:
     # ------------------------------------------------------------------ main entry
     def run(self) -> RunResult:
         cfg = self.cfg
-        state = self._prepare_run_dir()
+        state = self._resume_state()
         seed_everything(cfg.seed, cfg.deterministic)
         data = self.data = build_data(cfg)
         teacher = build_model(cfg.teacher, data, "teacher").to(self.device) if cfg.teacher else None
@@ -185,6 +201,10 @@ class Trainer:
         if state is not None:
             ckpt.load_state_strict(student, state["student"], "checkpoints/last.pt")
             progress = Progress(**state["progress"])
+        if self.main:  # written once set-up has succeeded, so a failed start leaves the directory reusable
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        ddp.barrier()
         metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
         if state is not None:
             metrics.keep_until(progress.stage, progress.epoch)
@@ -237,7 +257,7 @@ class Trainer:
         where = f"stages[{index}]"
         distiller = build_distiller(cfg, stage, student, teacher, self.task, where).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            example = next(iter(DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=False)))
+            example = next(iter(self._plain_loader(data.train, cfg.data.batch_size)))
             distiller.prepare(self._batch(example))
         optimizer = build_optimizer(stage, [p for p in distiller.parameters() if p.requires_grad])
         meters: dict[str, Tensor] = {}
@@ -269,11 +289,12 @@ class Trainer:
                 meters = {}
         finally:
             bar.close()
-        if self.main and distiller.terms:
+        if self.main and distiller.terms:  # rank 0 alone reads every sample of the split
             for split in cfg.records.splits:
-                loader = loaders[split] if split != "train" else DataLoader(data.train, batch_size=256)
+                loader = self._plain_loader(data.split(split), cfg.data.eval_batch_size or cfg.data.batch_size)
                 table = records.collect(distiller, loader, self.device)
                 records.write_csv(table, self.run_dir / "records" / f"{index}-{stage.name}-{split}.csv")
+        ddp.barrier()
 
     def _train_epoch(self, index: int, stage: StageConfig, model: nn.Module, distiller: Distiller,
                      optimizer: torch.optim.Optimizer, loader: DataLoader, progress: Progress,
@@ -286,9 +307,11 @@ class Trainer:
         steps_per_epoch = len(loader) + progress.batch
         distiller.train()
         first_bad: Tensor | None = None
+        names: list[str] = []
         t_last, n_last = time.perf_counter(), 0
         for items in loader:
             if self._stop_requested:
+                self._check_finite(first_bad, names, stage, progress)  # never save non-finite weights
                 return False
             epoch_f = progress.epoch + progress.batch / steps_per_epoch
             lr = stage.optimizer.lr * lr_factor(stage.scheduler, epoch_f, stage.epochs, stage.optimizer.lr)
@@ -304,6 +327,7 @@ class Trainer:
             progress.global_step += 1
             n_last += len(batch)
             losses = {k: v.detach().float() for k, v in out.losses.items()} | {"total": total.detach().float()}
+            names = list(losses)
             # The first step with a non-finite loss, kept on the device: no host sync per step.
             bad = torch.stack([~torch.isfinite(v) for v in losses.values()])
             first_bad = bad if first_bad is None else torch.where(first_bad.any(), first_bad, bad)
@@ -313,7 +337,7 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self, progress.global_step)
             if progress.global_step % cfg.log.interval == 0 or progress.batch == steps_per_epoch:
-                self._check_finite(first_bad, list(losses), stage, progress)
+                self._check_finite(first_bad, names, stage, progress)
                 now = time.perf_counter()
                 rate = n_last / max(now - t_last, 1e-9) * self.world
                 t_last, n_last = now, 0
@@ -339,6 +363,7 @@ class Trainer:
         meters = ddp.all_reduce_sum(meters)
         steps = max(float(meters.pop("steps", torch.ones(()))), 1.0)
         train = {k: float(v) / steps for k, v in meters.items()}
+        ddp.broadcast_buffers(distiller)
         val = self.evaluate(student, loaders["val"])
         progress.epoch += 1
         progress.batch = 0

@@ -1,0 +1,261 @@
+"""The `padkd` console script: list, train, eval, export, demo; user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from padkd.build import build_data, build_model
+from padkd.cli import main
+from padkd.config import Component, ModelRef, parse_config
+from padkd.engine import checkpoint as ckpt
+
+
+def call(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("padkd: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, distill_config, write_yaml) -> dict[str, Any]:
+    """`padkd train CONFIG --quiet` of the L2 → PAD-L2 recipe (1 + 1 epochs), run in-process."""
+    base = tmp_path_factory.mktemp("cli")
+    raw = distill_config(base / "run", stage1_epochs=1, stage2_epochs=1)
+    config = write_yaml(base / "distill.yaml", raw)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", str(config), "--quiet"])
+    return {"code": code, "stdout": out.getvalue(), "config": config, "raw": raw, "run_dir": base / "run"}
+
+
+# ---------------------------------------------------------------- list
+
+
+@pytest.mark.parametrize(
+    ("what", "names"),
+    [
+        ("methods", {"kd", "hint", "fitnet"}),
+        ("weightings", {"uniform", "pad", "ohem", "focal", "softmax_hard", "softmax_easy", "polynomial",
+                        "discard_hardest"}),
+        ("models", {"cnn", "mlp", "torchvision"}),
+        ("datasets", {"digits", "mnist"}),
+    ],
+)
+def test_list_prints_registered_names(what: str, names: set[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = call(["list", what], capsys)
+    assert code == 0 and err == ""
+    listed = {line.split()[0] for line in out.splitlines()}
+    assert names <= listed
+    assert all(len(line.split(maxsplit=1)) == 2 for line in out.splitlines())  # name + description
+
+
+def test_bad_command_line_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["list", "methodz"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
+
+
+# ---------------------------------------------------------------- train
+
+
+def test_train_prints_the_result_as_json(trained: dict[str, Any]) -> None:
+    assert trained["code"] == 0
+    result = json.loads(trained["stdout"])
+    run_dir = trained["run_dir"]
+    assert result["run_dir"] == str(run_dir)
+    assert result["split"] == "test" and set(result["last"]) == {"top1", "top5", "loss"}
+    assert {k: v for k, v in result.items() if k != "run_dir"} == json.loads((run_dir / "final.json").read_text())
+    assert (run_dir / "records" / "1-pad-test.csv").is_file()
+
+
+def test_train_not_quiet_prints_epoch_lines(tmp_path: Path, plain_config, write_yaml,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
+    code, out, _ = call(["train", str(config), "seed=1", "name=cli"], capsys)
+    assert code == 0
+    assert out.splitlines()[0].startswith("[train] epoch 1/1 task=")
+    assert json.loads(out[out.index("{"):])["run_dir"] == str(tmp_path / "run")
+    assert "seed: 1" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_train_bad_key_is_one_line_exit_2(tmp_path: Path, plain_config, write_yaml,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    raw = plain_config(tmp_path / "run")
+    raw["stages"][0]["optimizer"]["lrr"] = 0.1
+    config = write_yaml(tmp_path / "bad.yaml", raw)
+    code, out, err = call(["train", str(config)], capsys)
+    assert_user_error(code, err, "stages[0].optimizer.lrr: unknown key; did you mean 'lr'?")
+    assert out == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_bad_override_and_missing_file(tmp_path: Path, plain_config, write_yaml,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
+    assert_user_error(*call(["train", str(config), "stages.3.epochs=2"], capsys)[::2], "not an index")
+    assert_user_error(*call(["train", str(tmp_path / "nope.yaml")], capsys)[::2], "nope.yaml", "not found")
+
+
+def test_train_override_with_invalid_yaml_is_a_user_error(tmp_path: Path, plain_config, write_yaml,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
+    assert_user_error(*call(["train", str(config), "name=[oops"], capsys)[::2], "name")
+
+
+def test_train_again_needs_resume(trained: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = call(["train", str(trained["config"]), "--quiet"], capsys)
+    assert_user_error(code, err, "already holds a run", "--resume")
+
+
+def test_console_script_reports_user_errors_without_traceback(tmp_path: Path, plain_config, write_yaml) -> None:
+    script = Path(sys.executable).parent / "padkd"
+    if not script.exists():
+        pytest.skip("the padkd console script is not installed in this environment")
+    raw = plain_config(tmp_path / "run")
+    raw["stages"][0]["terms"] = [{"method": {"name": "fitnett"}}]
+    raw["teacher"] = {"model": {"name": "cnn", "widths": [8, 16]}}
+    config = write_yaml(tmp_path / "bad.yaml", raw)
+    proc = subprocess.run([str(script), "train", str(config)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CI": "true"})
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == ("padkd: error: stages[0].terms[0].method.name: unknown method 'fitnett'; "
+                                   "did you mean 'fitnet'?")
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_run_dir_prints_top1(trained: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = trained["run_dir"]
+    code, out, err = call(["eval", str(run_dir)], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["checkpoint"] == str(run_dir / "checkpoints" / "best.pt")
+    assert result["split"] == "test" and 0 <= result["top1"] <= 100
+    final = json.loads((run_dir / "final.json").read_text())
+    assert {k: result[k] for k in ("top1", "top5", "loss")} == final["best"]
+    code, out, _ = call(["eval", str(run_dir / "checkpoints" / "last.pt"), "--split", "val"], capsys)
+    assert code == 0 and json.loads(out)["split"] == "val"
+
+
+def test_eval_checkpoint_of_another_architecture(trained: dict[str, Any], tmp_path: Path, write_yaml,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    raw = copy.deepcopy(trained["raw"])
+    raw["student"]["model"]["widths"] = [8, 16]
+    other = write_yaml(tmp_path / "other.yaml", raw)
+    code, _, err = call(["eval", str(trained["run_dir"]), "--config", str(other)], capsys)
+    assert_user_error(code, err, "student.checkpoint", "'widths': [4, 8]", "'widths': [8, 16]")
+
+
+def test_eval_without_a_run_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "loose.pt"
+    ckpt.atomic_save({"format": ckpt.FORMAT, "model": {"name": "cnn"}, "student": {}}, path)
+    assert_user_error(*call(["eval", str(path)], capsys)[::2], "no config.yaml found", "--config")
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_writes_the_student_alone(trained: dict[str, Any], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, out_file = trained["run_dir"], tmp_path / "student.pt"
+    code, out, err = call(["export", str(run_dir), "-o", str(out_file)], capsys)
+    assert code == 0, err
+    assert "distillation-only tensors such as PAD heads left out" in out
+    exported = torch.load(out_file, map_location="cpu", weights_only=True)
+    assert "aux" not in exported and "optimizer" not in exported and exported["kind"] == "export"
+    assert exported["model"] == {"name": "cnn", "widths": [4, 8]}
+    best = ckpt.load(run_dir / "checkpoints" / "best.pt")
+    cfg = parse_config(trained["raw"])
+    model = build_model(cfg.student, build_data(cfg), "student")
+    assert list(exported["student"]) == list(model.state_dict())
+    for key, value in exported["student"].items():
+        assert torch.equal(value, best["student"][key])
+    fresh = build_model(ModelRef(model=Component(name="cnn", widths=[4, 8])), build_data(cfg), "student")
+    ckpt.load_model_weights(fresh, out_file, Component(name="cnn", widths=[4, 8]), "student")
+    assert all(torch.equal(v, best["student"][k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(Exception, match="holds model"):
+        ckpt.load_model_weights(fresh, out_file, Component(name="cnn", widths=[4, 16]), "teacher")
+
+
+def test_export_serves_as_the_teacher_of_another_run(trained: dict[str, Any], tmp_path: Path, write_yaml,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    exported = tmp_path / "teacher.pt"
+    assert call(["export", str(trained["run_dir"]), "-o", str(exported)], capsys)[0] == 0
+    raw = copy.deepcopy(trained["raw"])
+    raw["output_dir"] = str(tmp_path / "second")
+    raw["teacher"] = {"model": {"name": "cnn", "widths": [4, 8]}, "checkpoint": str(exported)}
+    raw["stages"] = [{"name": "kd", "epochs": 1, "terms": [{"method": {"name": "kd"}}]}]
+    config = write_yaml(tmp_path / "second.yaml", raw)
+    code, out, err = call(["train", str(config), "--quiet"], capsys)
+    assert code == 0, err
+    teacher_event = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0])
+    assert teacher_event["event"] == "teacher"
+    first_run = json.loads((trained["run_dir"] / "final.json").read_text())
+    assert teacher_event["test"] == first_run["best"]  # the exported best student, evaluated as teacher
+    code, out, err = call(["eval", str(exported), "--config", str(trained["config"])], capsys)
+    assert code == 0, err
+    assert {k: json.loads(out)[k] for k in ("top1", "top5", "loss")} == first_run["best"]
+
+
+def test_export_of_a_foreign_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    code, _, err = call(["export", str(path), "-o", str(tmp_path / "x.pt")], capsys)
+    assert_user_error(code, err, "is not a padkd checkpoint")
+    assert not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------------------------- demo
+
+
+def test_demo_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    code, _, err = call(["demo", "--quick", "--seeds", "1", "--out", str(tmp_path), "--quiet"], capsys)
+    assert_user_error(code, err, "--overwrite")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("padkd.report")
+    import padkd.demo
+
+    # The demo's teacher (cnn 32-64-128) alone takes ~10 s on two cores; a small one keeps the test quick
+    # while running the same code path (teacher, five students, results.json, report).
+    monkeypatch.setattr(padkd.demo, "TEACHER", {"name": "cnn", "widths": [8, 16]})
+    out = tmp_path / "demo"
+    code, stdout, err = call(["demo", "--quick", "--seeds", "1", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["none", "kd", "l2", "pad_l2", "ohem_l2"]
+    assert set(results["test_top1"]) == set(results["methods"])
+    assert all(set(v) == {"0"} for v in results["test_top1"].values())
+    assert results["epochs"] == {"stage1": 2, "stage2": 1, "total": 3}
+    assert (out / "report.md").is_file() and (out / "report.md").read_text().strip()
+    assert (out / "seed0" / "pad_l2" / "records" / "1-stage2-test.csv").is_file()
+    assert "report:" in stdout
