@@ -6,6 +6,7 @@ Every error names the key path and the fix: `stages[0].optimizer.lrr: unknown ke
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from pathlib import Path
@@ -59,6 +60,13 @@ class TermConfig(Strict):
     teacher: str | list[str] = "output"
     weight: float = 1.0
     embedding: str | None = None
+    #: Start the method's modules (connector, regressor) from the previous stage's term of the same
+    #: name, method and taps; the weighting (e.g. a PAD head) is always new.
+    carry: bool = True
+
+    def signature(self) -> str:
+        """What must match for `carry`: the method with its options and both taps."""
+        return json.dumps([self.method.model_dump(), self.student, self.teacher], sort_keys=True)
 
 
 class OptimizerConfig(Strict):

@@ -155,8 +155,11 @@ class Distiller(nn.Module):
         return s_values, t_values
 
     @torch.no_grad()
-    def prepare(self, batch: Batch) -> None:
-        """Build every term's shape-dependent modules from an example batch (idempotent)."""
+    def prepare(self, batch: Batch, carry: dict[str, dict[str, Tensor]] | None = None) -> None:
+        """Build every term's shape-dependent modules from an example batch (idempotent).
+
+        `carry` maps term names to method states to start from (e.g. the previous stage's connector),
+        loaded before the weightings see their first discrepancies (PAD's data initialisation)."""
         if self._prepared:
             return
         was_training = self.training
@@ -167,6 +170,8 @@ class Distiller(nn.Module):
             for term in self.terms:
                 s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
                 term.method.build(s, t)
+                if carry and term.name in carry:
+                    term.method.load_state_dict(carry[term.name])
                 d = Discrepancy.of(term.method(s, t, batch))
                 emb = s_values[term.embedding_tap] if term.embedding_tap else None
                 term.weighting.build(d, emb)

@@ -218,12 +218,17 @@ class Trainer:
             metrics.event({"event": "teacher", **t_metrics})
         previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         self._install_signals()
+        carried: dict[str, tuple[str, dict[str, Tensor]]] = {}  # term name → (signature, method state)
         try:
             for index, stage in enumerate(cfg.stages):
                 if index < progress.stage:
                     continue
-                self._run_stage(index, stage, student, teacher, data, train_loader, loaders, progress,
-                                metrics, state if index == progress.stage else None)
+                carry = {name: carried[name][1] for name, term in zip(cfg.term_names(stage), stage.terms, strict=True)
+                         if term.carry and name in carried and carried[name][0] == term.signature()}
+                distiller = self._run_stage(index, stage, student, teacher, data, train_loader, loaders,
+                                            progress, metrics, state if index == progress.stage else None, carry)
+                carried = {name: (term.signature(), t.method.state_dict())
+                           for name, term, t in zip(cfg.term_names(stage), stage.terms, distiller.terms, strict=True)}
                 state = None
                 progress.stage, progress.epoch, progress.batch = index + 1, 0, 0
             final = self._finish(student, loaders, progress, metrics)
@@ -252,13 +257,15 @@ class Trainer:
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, index: int, stage: StageConfig, student: nn.Module, teacher: nn.Module | None,
                    data: DataSplits, train_loader: DataLoader, loaders: dict[str, DataLoader],
-                   progress: Progress, metrics: MetricsLog, state: dict[str, Any] | None) -> None:
+                   progress: Progress, metrics: MetricsLog, state: dict[str, Any] | None,
+                   carry: dict[str, dict[str, Tensor]]) -> Distiller:
+        """Train one stage (from `state` when resuming) and return its distiller."""
         cfg = self.cfg
         where = f"stages[{index}]"
         distiller = build_distiller(cfg, stage, student, teacher, self.task, where).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             example = next(iter(self._plain_loader(data.train, cfg.data.batch_size)))
-            distiller.prepare(self._batch(example))
+            distiller.prepare(self._batch(example), carry)
         optimizer = build_optimizer(stage, [p for p in distiller.parameters() if p.requires_grad])
         meters: dict[str, Tensor] = {}
         if state is not None:
@@ -295,6 +302,7 @@ class Trainer:
                 table = records.collect(distiller, loader, self.device)
                 records.write_csv(table, self.run_dir / "records" / f"{index}-{stage.name}-{split}.csv")
         ddp.barrier()
+        return distiller
 
     def _train_epoch(self, index: int, stage: StageConfig, model: nn.Module, distiller: Distiller,
                      optimizer: torch.optim.Optimizer, loader: DataLoader, progress: Progress,
