@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision builds that install on our CPU machines (see ENV notes); users may use any >= 2.12 / 0.27.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast lint clean
 
 $(VENV)/.padkd-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,8 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: venv
-	$(PY) benchmarks/run.py
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf runs .pytest_cache

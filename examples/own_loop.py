@@ -30,7 +30,7 @@ teacher.requires_grad_(False).eval()
 # 2. Distil: per-element squared error d [B, 32], weighted by PAD's learned variance.
 pad = PAD(32)  # variance head on the 32-d student embedding; log σ² per sample and element
 opt = torch.optim.Adam([*student.parameters(), *student_head.parameters(), *pad.parameters()], lr=1e-2)
-for step in range(200):
+for _ in range(200):
     emb = student(x)
     with torch.no_grad():
         target = teacher(x)

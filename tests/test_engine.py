@@ -94,7 +94,7 @@ def test_cosine_goes_from_one_to_the_floor() -> None:
     assert lr_factor(s, 10.0, 10, 0.1) == pytest.approx(0.01)
     assert lr_factor(s, 5.0, 10, 0.1) == pytest.approx(0.01 + 0.99 * 0.5)
     values = [lr_factor(s, e / 4, 10, 0.1) for e in range(41)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert lr_factor(SchedulerConfig(name="cosine"), 3.0, 3, 0.05) == pytest.approx(0.0, abs=1e-12)
 
 
@@ -633,3 +633,26 @@ def test_stage2_starts_from_the_stage1_connector_unless_carry_is_off(tmp_path: P
     ratio = sum(stage2) / sum(stage1)
     print(f"carry={carry}: mean stage-2 / stage-1 discrepancy = {ratio:.3f}")
     assert (0.7 < ratio < 1.3) is carry
+
+
+def test_term_lr_scale_gives_the_term_its_own_parameter_group(tmp_path: Path, distill_config) -> None:
+    from padkd.build import build_data, build_distiller, build_model
+    from padkd.engine.trainer import build_optimizer
+    from padkd.methods import Batch
+    from padkd.tasks import Classification
+
+    raw = distill_config(tmp_path / "run")
+    raw["stages"][1]["terms"][0]["lr_scale"] = 10.0
+    cfg = parse_config(raw)
+    data = build_data(cfg)
+    student, teacher = build_model(cfg.student, data, "student"), build_model(cfg.teacher, data, "teacher")
+    stage = cfg.stages[1]
+    distiller = build_distiller(cfg, stage, student, teacher, Classification(), "stages[1]")
+    x, y, idx = zip(*[data.train[i] for i in range(8)], strict=True)
+    distiller.prepare(Batch(torch.stack(x), torch.stack(y), torch.tensor(idx)))
+    optimizer = build_optimizer(stage, distiller)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs == pytest.approx([stage.optimizer.lr, 10 * stage.optimizer.lr])
+    term_params = {id(p) for p in distiller.terms.parameters()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == term_params
+    assert not term_params & {id(p) for p in optimizer.param_groups[0]["params"]}

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from padkd.discrepancy import Discrepancy
-from padkd.methods import METHODS, KD, Batch, FitNet, Hint
+from padkd.methods import KD, METHODS, Batch, FitNet, Hint
 from padkd.weighting import WEIGHTINGS
 
 B = 6

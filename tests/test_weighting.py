@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from padkd.discrepancy import Discrepancy
 from padkd.errors import PadkdError
@@ -18,14 +17,14 @@ B, D, E = 8, 5, 3
 
 def exact_pad(in_dim: int = D, out_dim: int = E, mode: str = "per_element", **kw) -> PAD:
     """PAD with the exact formula (eps 0, no floor) and a random head."""
-    opts = dict(mode=mode, eps=0.0, init="reference", log_var_floor=None)
+    opts = dict(mode=mode, eps=0.0, init="reference", log_var_floor=None, warmup_steps=0)
     opts.update(kw)
     return PAD(in_dim, out_dim, **opts)
 
 
 def identity_head_pad(dim: int, mode: str = "per_element", **kw) -> PAD:
     """PAD whose head returns its input unchanged in eval mode: log_var(s) == s."""
-    opts = dict(eps=0.0, init="reference", log_var_floor=None)
+    opts = dict(eps=0.0, init="reference", log_var_floor=None, warmup_steps=0)
     opts.update(kw)
     pad = PAD(dim, dim, mode=mode, **opts)
     linear, bn = pad.head
@@ -61,7 +60,7 @@ def test_pad_per_element_matches_formula():
 
 def test_pad_eps_form_with_default_eps():
     torch.manual_seed(1)
-    pad = PAD(D, E, init="reference", log_var_floor=None)  # default eps
+    pad = PAD(D, E, init="reference", log_var_floor=None, warmup_steps=0)  # default eps
     assert pad.eps == 1e-6
     pad.eval()
     emb = torch.randn(B, D) * 0.1
@@ -136,7 +135,7 @@ def test_pad_gradient_vanishes_at_optimum(mode):
 def test_pad_soft_floor_bounds_loss():
     torch.manual_seed(5)
     f = -2.0
-    pad = PAD(D, E, init="reference", log_var_floor=f).eval()
+    pad = PAD(D, E, init="reference", log_var_floor=f, warmup_steps=0).eval()
     emb = torch.randn(64, D) * 3
     s = pad.log_var(emb)
     assert (s > f).all()
@@ -164,6 +163,7 @@ def test_pad_soft_floor_bounds_loss():
 
 def test_pad_default_floor_value():
     assert PAD().log_var_floor == pytest.approx(math.log(1e-3))
+    assert PAD().warmup_steps == 100 and PAD.reference().warmup_steps == 0
     assert DEFAULT_LOG_VAR_FLOOR == pytest.approx(math.log(1e-3))
     assert PAD.reference().log_var_floor is None
     assert PAD.reference().init == "reference"
@@ -171,7 +171,7 @@ def test_pad_default_floor_value():
 
 def test_pad_clamp():
     torch.manual_seed(6)
-    pad = PAD(D, E, init="reference", log_var_floor=None, clamp=(-0.5, 0.5)).eval()
+    pad = PAD(D, E, init="reference", log_var_floor=None, clamp=(-0.5, 0.5), warmup_steps=0).eval()
     s = pad.log_var(torch.randn(32, D) * 5)
     assert s.min() >= -0.5 and s.max() <= 0.5
     assert (s == 0.5).any() and (s == -0.5).any()
@@ -208,7 +208,7 @@ def test_pad_data_init_first_forward():
 
 def test_pad_data_init_centres_sigma_on_mean_discrepancy():
     torch.manual_seed(8)
-    pad = PAD(D, E)
+    pad = PAD(D, E, warmup_steps=0)
     d = torch.rand(256, E) * 2 + 1
     emb = torch.randn(256, D)
     out = pad(d, emb)
@@ -218,7 +218,7 @@ def test_pad_data_init_centres_sigma_on_mean_discrepancy():
 
 def test_pad_build_initialises_and_state_dict_restores_flag():
     torch.manual_seed(9)
-    pad = PAD(D, E)
+    pad = PAD(D, E, warmup_steps=0)
     d = Discrepancy(torch.rand(B, E) + 0.5)
     pad.build(d, torch.randn(B, D))
     assert bool(pad.initialized) and pad._ready
@@ -247,7 +247,7 @@ def test_pad_reference_init_leaves_bias_zero():
 
 
 def test_pad_eval_forward_does_not_initialise_built_head():
-    pad = PAD(D, E).eval()
+    pad = PAD(D, E, warmup_steps=0).eval()
     pad(torch.rand(B, E) + 3, torch.randn(B, D))
     assert not pad._ready
     torch.testing.assert_close(pad.head[1].bias, torch.zeros(E))
@@ -280,7 +280,7 @@ def test_pad_warmup_ramp(warmup):
 @pytest.mark.parametrize("detach", [True, False])
 def test_pad_detach_input(detach):
     torch.manual_seed(12)
-    pad = PAD(D, E, detach_input=detach)
+    pad = PAD(D, E, detach_input=detach, warmup_steps=0)
     emb = torch.randn(B, D, requires_grad=True)
     d = torch.rand(B, E, requires_grad=True)
     pad(d, emb).loss.backward()
@@ -346,7 +346,7 @@ def test_pad_masked_nonfinite_elements_ignored():
 
 def test_pad_data_init_ignores_fully_masked_samples():
     torch.manual_seed(17)
-    pad = PAD(D, E)
+    pad = PAD(D, E, warmup_steps=0)
     d = torch.rand(B, E) + 1.0
     mask = torch.ones(B, E, dtype=torch.bool)
     mask[: B // 2] = False

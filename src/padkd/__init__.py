@@ -5,7 +5,7 @@ discrepancies) times *how samples count* (a weighting reducing them: uniform, PA
 """
 
 from padkd.discrepancy import Discrepancy
-from padkd.distiller import DistillOutput, Distiller, Term
+from padkd.distiller import Distiller, DistillOutput, Term
 from padkd.methods import KD, METHODS, Batch, FitNet, Hint, Method
 from padkd.weighting import (
     OHEM,

@@ -63,6 +63,9 @@ class TermConfig(Strict):
     #: Start the method's modules (connector, regressor) from the previous stage's term of the same
     #: name, method and taps; the weighting (e.g. a PAD head) is always new.
     carry: bool = True
+    #: Learning-rate multiplier for this term's trainable modules (connector, PAD head): a PAD head
+    #: trained at a small stage-2 LR for few steps barely leaves its initialisation (docs/pad.md).
+    lr_scale: float = Field(1.0, gt=0)
 
     def signature(self) -> str:
         """What must match for `carry`: the method with its options and both taps."""

@@ -23,6 +23,9 @@ WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 
 #: Default floor on log σ² (σ² ≥ 1e-3): keeps `d/σ² + log σ²` bounded below where d is exactly 0.
 DEFAULT_LOG_VAR_FLOOR = math.log(1e-3)
+#: Default linear warm-up of the PAD term (steps). With σ² at the mean discrepancy from step one the
+#: term's weight is 1/mean(d); without a ramp it slowed a tiny student's learning (docs/pad.md).
+DEFAULT_WARMUP_STEPS = 100
 
 
 @dataclass
@@ -182,8 +185,9 @@ class PAD(Weighting):
     `s = log σ²`, per element (`per_element`, out_dim = E, the reference form) or once per sample
     (`per_sample`, out_dim = 1). The optimum is σ² = d, so samples the student can match get small
     σ² and a large weight 1/σ². Safety defaults (see docs/pad.md): the head's bias is set from the
-    first batch so σ² starts at the mean discrepancy (`init="data"`), and log σ² has a smooth floor.
-    `PAD.reference(...)` gives the unmodified published form (random init, no floor).
+    first batch so σ² starts at the mean discrepancy (`init="data"`), the term ramps up linearly over
+    `warmup_steps`, and log σ² has a smooth floor. `PAD.reference(...)` gives the unmodified
+    published form (random init, no floor, no warm-up).
     """
 
     needs_embedding = True
@@ -198,7 +202,7 @@ class PAD(Weighting):
         log_var_floor: float | None = DEFAULT_LOG_VAR_FLOOR,
         clamp: tuple[float, float] | None = None,
         detach_input: bool = False,
-        warmup_steps: int = 0,
+        warmup_steps: int = DEFAULT_WARMUP_STEPS,
     ) -> None:
         super().__init__()
         if mode not in ("per_element", "per_sample"):
@@ -225,7 +229,8 @@ class PAD(Weighting):
     @classmethod
     def reference(cls, in_dim: int | None = None, out_dim: int | None = None) -> PAD:
         """The published PAD-L2 form: per element, eps 1e-6, random head, no floor, no warm-up."""
-        return cls(in_dim, out_dim, mode="per_element", eps=1e-6, init="reference", log_var_floor=None)
+        return cls(in_dim, out_dim, mode="per_element", eps=1e-6, init="reference", log_var_floor=None,
+                   warmup_steps=0)
 
     def _make_head(self, in_dim: int, out_dim: int) -> None:
         linear = nn.Linear(in_dim, out_dim)

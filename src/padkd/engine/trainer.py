@@ -66,12 +66,20 @@ def lr_factor(s: SchedulerConfig, epoch: float, epochs: int, base_lr: float) -> 
     return 1.0
 
 
-def build_optimizer(stage: StageConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(stage: StageConfig, distiller: Distiller) -> torch.optim.Optimizer:
+    """One parameter group for the student, one per term (its modules at `lr × term.lr_scale`)."""
     o = stage.optimizer
+    groups = [{"params": [p for p in distiller.student.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    for term, term_cfg in zip(distiller.terms, stage.terms, strict=True):
+        params = [p for p in term.parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr_scale": term_cfg.lr_scale})
+    for group in groups:
+        group["lr"] = o.lr * group["lr_scale"]
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 @dataclass
@@ -266,7 +274,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             example = next(iter(self._plain_loader(data.train, cfg.data.batch_size)))
             distiller.prepare(self._batch(example), carry)
-        optimizer = build_optimizer(stage, [p for p in distiller.parameters() if p.requires_grad])
+        optimizer = build_optimizer(stage, distiller)
         meters: dict[str, Tensor] = {}
         if state is not None:
             ckpt.load_state_strict(distiller.terms, state["aux"], "checkpoints/last.pt (distillation terms)")
@@ -324,7 +332,7 @@ class Trainer:
             epoch_f = progress.epoch + progress.batch / steps_per_epoch
             lr = stage.optimizer.lr * lr_factor(stage.scheduler, epoch_f, stage.epochs, stage.optimizer.lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             batch = self._batch(items)
             out = model(batch)
             total = out.total
