@@ -48,13 +48,15 @@ def variant_config(out: Path, name: str, seed: int, widths: list[int]) -> dict[s
     return cfg
 
 
-def head_stats(run_dir: Path) -> tuple[float, float]:
-    """(std of log σ² over test samples, Spearman ρ(σ², d)) from the stage-2 records."""
+def head_stats(run_dir: Path) -> tuple[float, float, float]:
+    """From the stage-2 test records: std over samples of log d, of log σ², and Spearman ρ(σ², d)."""
     table = read_csv(run_dir / "records" / "1-stage2-test.csv")
+    d = table["hint.discrepancy"]
+    spread_d = statistics.pstdev([math.log(x) for x in d])
     if "hint.log_var" not in table:
-        return math.nan, math.nan
-    log_var, d = table["hint.log_var"], table["hint.discrepancy"]
-    return statistics.pstdev(log_var), spearman(log_var, d)
+        return spread_d, math.nan, math.nan
+    log_var = table["hint.log_var"]
+    return spread_d, statistics.pstdev(log_var), spearman(log_var, d)
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
     t0 = time.perf_counter()
     Trainer(parse_config(teacher_config(out, quick=False)), quiet=True).run()
     results: dict[str, list[float]] = {}
-    stats: dict[str, list[tuple[float, float]]] = {}
+    stats: dict[str, list[tuple[float, float, float]]] = {}
     for name in VARIANTS:
         for seed in range(args.seeds):
             cfg = parse_config(variant_config(out, name, seed, args.widths))
@@ -77,14 +79,14 @@ def main() -> None:
     base = results["l2 (uniform)"]
     print(f"digits, student cnn {args.widths}, teacher cnn [32, 64, 128]; stage 1 L2 (30 ep), stage 2 (15 ep, "
           f"lr 0.005) as below; seeds 0..{args.seeds - 1}")
-    print(f"{'stage-2 variant':26s} {'test top-1':>15s} {'minus L2 [95% CI]':>26s} {'sd log σ²':>10s} {'ρ(σ², d)':>9s}")
+    print(f"{'stage-2 variant':26s} {'test top-1':>15s} {'minus L2 [95% CI]':>26s} {'sd log d':>9s} "
+          f"{'sd log σ²':>10s} {'ρ(σ², d)':>9s}")
     for name, values in results.items():
         mean, std = mean_std(values)
         diff, low, high = paired_ci(values, base)
         ci = f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]" if low is not None else f"{diff:+.2f}"
-        spread = statistics.mean(s for s, _ in stats[name]) if not math.isnan(stats[name][0][0]) else math.nan
-        rho = statistics.mean(r for _, r in stats[name]) if not math.isnan(stats[name][0][1]) else math.nan
-        print(f"{name:26s} {mean:8.2f} ± {std:4.2f} {ci:>26s} {spread:10.3f} {rho:9.3f}")
+        spread_d, spread, rho = (statistics.mean(column) for column in zip(*stats[name], strict=True))
+        print(f"{name:26s} {mean:8.2f} ± {std:4.2f} {ci:>26s} {spread_d:9.3f} {spread:10.3f} {rho:9.3f}")
     print(f"({time.perf_counter() - t0:.0f}s)")
 
 

@@ -259,3 +259,32 @@ def test_demo_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert (out / "report.md").is_file() and (out / "report.md").read_text().strip()
     assert (out / "seed0" / "pad_l2" / "records" / "1-stage2-test.csv").is_file()
     assert "report:" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_to_resume_from(tmp_path: Path, plain_config, write_yaml, sig: str) -> None:
+    """Ctrl-C (or a SIGTERM from a scheduler) stops after the current step with a checkpoint to resume."""
+    import signal
+    import time
+
+    raw = plain_config(tmp_path / "run", epochs=400)
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    padkd = str(Path(sys.executable).parent / "padkd")
+    proc = subprocess.Popen([padkd, "train", str(config), "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CI": "true"})
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert last.exists(), proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    progress = ckpt.load(last)["progress"]
+    assert 0 < progress["global_step"] < 400 * 16
+    # The checkpoint belongs to this config: resuming with a changed one is refused.
+    code = subprocess.run([padkd, "train", str(config), "stages.0.epochs=3", "--resume", "--quiet"],
+                          capture_output=True, text=True).returncode
+    assert code == 2

@@ -332,16 +332,18 @@ def test_run_writes_per_sample_records(run_a: tuple[Path, dict[str, Any]]) -> No
     assert sorted(p.name for p in (run_dir / "records").iterdir()) == ["0-l2-test.csv", "1-pad-test.csv"]
     with open(run_dir / "records" / "1-pad-test.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["index", "target", "student_pred", "student_confidence", "teacher_pred",
-                       "teacher_confidence", "teacher_true_prob", "hint.discrepancy", "hint.weight", "hint.log_var"]
+    assert rows[0] == ["index", "target", "student_pred", "student_correct", "student_confidence", "teacher_pred",
+                       "teacher_correct", "teacher_confidence", "teacher_true_prob", "hint.discrepancy", "hint.weight",
+                       "hint.log_var"]
     body = rows[1:]
     assert len(body) == TEST_SIZE
     assert [int(r[0]) for r in body] == list(range(TEST_SIZE))
     for r in body:
-        discrepancy, weight, log_var = float(r[7]), float(r[8]), float(r[9])
+        discrepancy, weight, log_var = float(r[9]), float(r[10]), float(r[11])
         assert discrepancy >= 0 and weight > 0 and math.isfinite(log_var)
         assert weight >= math.exp(-log_var) * (1 - 1e-3)  # mean of exp(-s) >= exp(-mean s)
         assert 0 <= int(r[1]) < 10
+        assert int(r[3]) == int(r[2] == r[1]) and int(r[6]) == int(r[5] == r[1])  # correctness columns
     with open(run_dir / "records" / "0-l2-test.csv", newline="") as f:
         header = next(csv.reader(f))
     assert "hint.log_var" not in header and header[-2:] == ["hint.discrepancy", "hint.weight"]

@@ -49,7 +49,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(cfg)
     model = build_model(ref, data, "student").to(resolve_device(cfg.device))
     trainer = Trainer(cfg, quiet=True)
-    loader = trainer._loader(data, args.split, train=False)
+    loader = trainer.loader(data, args.split, train=False)
     with torch.no_grad():
         result = trainer.evaluate(model, loader)
     print(json.dumps({"checkpoint": str(ckpt.resolve(path)), "split": args.split, **result}, indent=2))
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: teacher + 5 students on scikit-learn digits, report")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=5, help="paired seeds per student (default 5)")
+    p.add_argument("--seeds", type=int, default=8, help="paired seeds per student (default 8)")
     p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")

@@ -87,11 +87,12 @@ def student_config(method: str, seed: int, out: Path, quick: bool) -> dict[str, 
     return cfg
 
 
-def _train(raw: dict[str, Any], quiet: bool) -> dict[str, Any]:
+def _train(raw: dict[str, Any]) -> dict[str, Any]:
+    """Train one run quietly (the demo prints one line per run instead); its final metrics."""
     return Trainer(parse_config(raw), quiet=True).run().final
 
 
-def run_demo(out: Path, seeds: int = 5, quick: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
+def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
     """Train the teacher and every student over `seeds` paired seeds; write results.json and the report."""
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
@@ -106,7 +107,7 @@ def run_demo(out: Path, seeds: int = 5, quick: bool = False, quiet: bool = False
             print(msg, file=sys.stderr, flush=True)
 
     say(f"[demo] training the teacher {TEACHER['widths']} on digits")
-    teacher_final = _train(teacher_config(out, quick), quiet)
+    teacher_final = _train(teacher_config(out, quick))
     results: dict[str, Any] = {
         "dataset": "digits", "methods": list(TERMS), "labels": LABELS, "baseline": "l2", "pad": "pad_l2",
         "pad_term": "hint", "seeds": list(range(seeds)), "runs": {m: {} for m in TERMS}, "teacher_run": "teacher",
@@ -117,14 +118,14 @@ def run_demo(out: Path, seeds: int = 5, quick: bool = False, quiet: bool = False
     for seed in range(seeds):
         for method in TERMS:
             t0 = time.perf_counter()
-            final = _train(student_config(method, seed, out, quick), quiet)
+            final = _train(student_config(method, seed, out, quick))
             results["runs"][method][str(seed)] = f"seed{seed}/{method}"
             results["test_top1"][method][str(seed)] = final["last"]["top1"]
             results["best_test_top1"][method][str(seed)] = final["best"]["top1"]
             say(f"[demo] seed {seed} {method:8s} test top-1 {final['last']['top1']:.2f} "
                 f"({time.perf_counter() - t0:.1f}s)")
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["command"] = "padkd demo" + (f" --seeds {seeds}" if seeds != 5 else "") + (" --quick" if quick else "")
+    results["command"] = "padkd demo" + (f" --seeds {seeds}" if seeds != 8 else "") + (" --quick" if quick else "")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     from padkd.report import format_table, summarize, write_report
 

@@ -25,10 +25,12 @@ def collect(distiller: Distiller, loader: DataLoader, device: torch.device) -> d
             out = distiller(batch)
             s_prob = out.student.float().softmax(1)
             row = {"index": idx, "target": y, "student_pred": s_prob.argmax(1),
+                   "student_correct": (s_prob.argmax(1) == batch.targets).int(),
                    "student_confidence": s_prob.max(1).values}
             if out.teacher is not None:
                 t_prob = out.teacher.float().softmax(1)
-                row |= {"teacher_pred": t_prob.argmax(1), "teacher_confidence": t_prob.max(1).values,
+                row |= {"teacher_pred": t_prob.argmax(1), "teacher_correct": (t_prob.argmax(1) == batch.targets).int(),
+                        "teacher_confidence": t_prob.max(1).values,
                         "teacher_true_prob": t_prob.gather(1, batch.targets[:, None]).squeeze(1)}
             for term, rec in out.records.items():
                 row |= {f"{term}.{key}": value for key, value in rec.items()}

@@ -160,7 +160,8 @@ class Trainer:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
-    def _loader(self, data: DataSplits, split: str, train: bool) -> DataLoader:
+    def loader(self, data: DataSplits, split: str, train: bool) -> DataLoader:
+        """Training loader (seeded, sharded, resumable sampler) or evaluation loader (exact shards)."""
         dataset = data.split(split)
         dc = self.cfg.data
         if train:
@@ -216,8 +217,8 @@ class Trainer:
         metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
         if state is not None:
             metrics.keep_until(progress.stage, progress.epoch)
-        loaders = {s: self._loader(data, s, train=False) for s in ("val", "test")}
-        train_loader = self._loader(data, "train", train=True)
+        loaders = {s: self.loader(data, s, train=False) for s in ("val", "test")}
+        train_loader = self.loader(data, "train", train=True)
         if len(train_loader) == 0:
             raise PadkdError(f"data.batch_size {cfg.data.batch_size} is larger than the training split "
                              f"({len(data.train)} samples per rank); lower data.batch_size")
