@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -225,8 +226,7 @@ class Trainer:
         if teacher is not None and state is None:
             t_metrics = {s: self.evaluate(teacher, loaders[s]) for s in ("val", "test") if s == "val" or cfg.eval_test}
             metrics.event({"event": "teacher", **t_metrics})
-        previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        self._install_signals()
+        restore_signals = self._install_signals()
         carried: dict[str, tuple[str, dict[str, Tensor]]] = {}  # term name → (signature, method state)
         try:
             for index, stage in enumerate(cfg.stages):
@@ -242,22 +242,30 @@ class Trainer:
                 progress.stage, progress.epoch, progress.batch = index + 1, 0, 0
             final = self._finish(student, loaders, progress, metrics)
         finally:
-            signal.signal(signal.SIGINT, previous[0])
-            signal.signal(signal.SIGTERM, previous[1])
+            restore_signals()
             metrics.close()
         return RunResult(self.run_dir, final)
 
-    def _install_signals(self) -> None:
+    def _install_signals(self) -> Callable[[], None]:
+        """Ctrl-C/SIGTERM request a stop at the next step boundary; returns the handlers' restorer.
+        Off the main thread (where Python allows no handlers) nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
         def request_stop(signum: int, frame: Any) -> None:
             if self._stop_requested:  # a second Ctrl-C stops at once
                 raise KeyboardInterrupt
             self._stop_requested = True
 
-        try:
-            signal.signal(signal.SIGINT, request_stop)
-            signal.signal(signal.SIGTERM, request_stop)
-        except ValueError:  # not the main thread: no signal handling
-            pass
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, request_stop)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
 
     def request_stop(self) -> None:
         """Ask the loop to save a checkpoint and stop after the current step (what Ctrl-C does)."""
