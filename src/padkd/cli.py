@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        from padkd.plugins import load_plugins
+
+        load_plugins()
         return args.func(args)
     except PadkdError as err:
         from padkd.engine.trainer import Interrupted
