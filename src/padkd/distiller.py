@@ -144,7 +144,7 @@ class Distiller(nn.Module):
             s_values = s_taps.take(self.student(inputs))
         finally:
             s_taps.close()
-        if self.teacher is None:
+        if self.teacher is None or not len(self.terms):  # no term reads the teacher: skip its forward
             return s_values, None
         t_taps = Taps(self.teacher, self._teacher_paths, "teacher")
         try:
