@@ -65,19 +65,19 @@ class SampleWeighting(Weighting):
         d = Discrepancy.of(d)
         per_sample = d.reduce_elements().float()
         valid = d.sample_mask()
+        n = valid_count(per_sample, valid)
         with torch.no_grad():
-            # Masked-out samples take the smallest value so hard-mining never selects them.
+            # Masked-out samples score 0 (discrepancies are >= 0) so hard mining never selects them.
             scores = per_sample.detach()
             if valid is not None:
                 scores = torch.where(valid, scores, scores.new_zeros(()))
             w = self.weights(scores)
             if valid is not None:
                 w = w * valid.to(w.dtype)
-            n = valid_count(per_sample, valid)
             total = w.sum()
             uniform = torch.ones_like(w) if valid is None else valid.to(w.dtype)
             w = torch.where(total > 0, w * n / total.clamp_min(1e-30), uniform)
-        loss = (w * per_sample).sum() / valid_count(per_sample, valid).clamp_min(1.0)
+        loss = (w * per_sample).sum() / n.clamp_min(1.0)
         return WeightedLoss(loss=loss, weight=w)
 
 
