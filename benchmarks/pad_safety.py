@@ -32,16 +32,27 @@ VARIANTS = {
 }
 
 
-def student(out: Path, variant: str, seed: int, epochs: int, widths: list[int], lr: float) -> dict:
+def data_config(args: argparse.Namespace) -> dict:
+    if args.mnist_root is None:
+        return {"name": "digits", "batch_size": 64}
+    return {"name": "mnist", "root": args.mnist_root, "train_subset": args.train_subset, "batch_size": 128}
+
+
+def model(widths: list[int], pool_size: int | None) -> dict:
+    return {"name": "cnn", "widths": widths, "pool_size": pool_size}
+
+
+def student(out: Path, variant: str, seed: int, args: argparse.Namespace) -> dict:
     weighting = VARIANTS[variant]
     terms = [] if weighting is None else [{**HINT, "weighting": weighting}]
     return {
         "name": f"{variant}-{seed}", "output_dir": str(out / f"{variant}-s{seed}"), "seed": seed,
-        "data": {"name": "digits", "batch_size": 64}, "eval_test": True, "records": {"splits": []},
-        "teacher": {"model": {"name": "cnn", "widths": [8, 16]}, "checkpoint": str(out / "teacher")},
-        "student": {"model": {"name": "cnn", "widths": widths}},
+        "data": data_config(args), "eval_test": True, "records": {"splits": []},
+        "teacher": {"model": model(args.teacher_widths, args.pool_size), "checkpoint": str(out / "teacher")},
+        "student": {"model": model(args.widths, args.pool_size)},
         "log": {"tensorboard": False, "progress": "none"},
-        "stages": [{"name": "single", "epochs": epochs, "optimizer": {"name": "adamw", "lr": lr, "weight_decay": 0.0},
+        "stages": [{"name": "single", "epochs": args.epochs,
+                    "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": 0.0},
                     "scheduler": {"name": "constant"}, "terms": terms}],
     }
 
@@ -52,21 +63,32 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--widths", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--teacher-widths", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--pool-size", type=int, default=None, help="flatten a k x k map instead of average pooling")
+    parser.add_argument("--mnist-root", default=None, help="run on MNIST from this folder instead of digits")
+    parser.add_argument("--train-subset", type=int, default=None, help="MNIST training images to use")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default="runs/bench-pad-safety")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     teacher = teacher_config(out, quick=False)
-    teacher["student"]["model"]["widths"] = [8, 16]
-    teacher["stages"][0]["epochs"] = 2  # a weak, quickly trained teacher, as in the regression test
-    Trainer(parse_config(teacher), quiet=True).run()
-    print(f"student cnn {args.widths}, AdamW lr {args.lr} constant, {args.epochs} epochs, seeds 0..{args.seeds - 1}")
+    teacher["data"] = data_config(args)
+    teacher["student"]["model"] = model(args.teacher_widths, args.pool_size)
+    teacher["stages"][0]["epochs"] = args.teacher_epochs  # default: weak and quick, as in the regression test
+    if args.mnist_root is not None:
+        teacher["stages"][0]["optimizer"] = {"name": "adamw", "lr": 0.002, "weight_decay": 0.0}
+    teacher_top1 = Trainer(parse_config(teacher), quiet=True).run().final["last"]["top1"]
+    print(f"{data_config(args)['name']}; teacher cnn {args.teacher_widths} (test top-1 {teacher_top1:.2f}); student "
+          f"cnn {args.widths}; pool_size {args.pool_size}; AdamW lr {args.lr} constant, {args.epochs} epochs, "
+          f"seeds 0..{args.seeds - 1}")
     print(f"{'variant':20s} {'train CE after each epoch (mean over seeds)':>46s} {'test top-1':>14s} {'worst':>6s}")
-    for variant in VARIANTS:
+    for variant in args.variants:
         top1, ce = [], []
         for seed in range(args.seeds):
-            cfg = parse_config(student(out, variant, seed, args.epochs, args.widths, args.lr))
+            cfg = parse_config(student(out, variant, seed, args))
             top1.append(Trainer(cfg, quiet=True).run().final["last"]["top1"])
             ce.append([e["train"]["task"] for e in read_metrics(Path(cfg.output_dir)) if e["event"] == "epoch"])
         curve = " ".join(f"{statistics.mean(c):.2f}" for c in zip(*ce, strict=True))

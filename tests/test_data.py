@@ -296,3 +296,11 @@ def test_bad_model_options() -> None:
         MODELS.build("torchvision", {}, "student.model", in_channels=3, num_classes=10)
     with pytest.raises(PadkdError, match="unknown model 'resnet'"):
         MODELS.build("resnet", {}, "student.model", in_channels=3, num_classes=10)
+
+
+def test_cnn_pool_size_flattens_a_k_by_k_map() -> None:
+    model = MODELS.build("cnn", {"widths": [2, 4], "pool_size": 7}, in_channels=1, num_classes=10)
+    assert model.fc.in_features == 4 * 7 * 7
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(PadkdError, match="pool_size"):
+        MODELS.build("cnn", {"pool_size": 0}, in_channels=1, num_classes=10)

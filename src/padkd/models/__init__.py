@@ -16,12 +16,13 @@ MODELS: Registry[nn.Module] = Registry("model")
 
 
 class SmallCNN(nn.Module):
-    """conv3x3-BN-ReLU blocks (max-pooled between blocks), global average pool, linear classifier.
+    """conv3x3-BN-ReLU blocks (max-pooled between blocks), then global average pooling (`pool_size`
+    None) or the flattened map of `pool_size x pool_size` locations, and a linear classifier.
 
-    The pooled embedding is the input of `fc` (tap `"fc:in"`); block k's output is `features.k`.
+    The embedding is the input of `fc` (tap `"fc:in"`); block k's output is `features.k`.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], pool_size: int | None = None) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         prev = in_channels
@@ -33,19 +34,23 @@ class SmallCNN(nn.Module):
             blocks.append(nn.Sequential(*block))
             prev = width
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(prev, num_classes)
+        self.pool = nn.AdaptiveAvgPool2d(pool_size or 1)
+        self.fc = nn.Linear(prev * (pool_size or 1) ** 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.pool(self.features(x)).flatten(1))
 
 
 @MODELS.register("cnn")
-def cnn(in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128)) -> nn.Module:
-    """Small CNN for 8x8/28x28 inputs; `widths` sets the channels of each conv block."""
+def cnn(in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128),
+        pool_size: int | None = None) -> nn.Module:
+    """Small CNN for 8x8/28x28 inputs; `widths` sets the channels of each conv block; `pool_size` k
+    keeps a k x k map (flattened, C·k² features) instead of global average pooling."""
     if not widths or min(widths) < 1:
         raise PadkdError(f"model.widths must be a non-empty list of positive ints, got {list(widths)}")
-    return SmallCNN(in_channels, num_classes, widths)
+    if pool_size is not None and pool_size < 1:
+        raise PadkdError(f"model.pool_size must be a positive int or null, got {pool_size}")
+    return SmallCNN(in_channels, num_classes, widths, pool_size)
 
 
 class MLP(nn.Module):
