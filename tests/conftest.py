@@ -38,15 +38,10 @@ def _distill_config(output_dir: Path | str, teacher_dir: Path | str, *, stage1_e
                     stage2_epochs: int = 1, seed: int = 0) -> dict[str, Any]:
     """The two-stage recipe of the README: uniform L2 hint, then PAD-L2 with a fresh head."""
     return {
+        **_plain_config(output_dir, seed=seed),
         "name": "t",
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "device": "cpu",
-        "data": {"name": "digits", "batch_size": 64},
         "teacher": {"model": copy.deepcopy(TEACHER_MODEL), "checkpoint": str(teacher_dir)},
-        "student": {"model": copy.deepcopy(STUDENT_MODEL)},
         "records": {"splits": ["test"]},
-        "log": dict(QUIET_LOG),
         "stages": [
             {"name": "l2", "epochs": stage1_epochs, "optimizer": {"name": "sgd", "lr": 0.05},
              "terms": [copy.deepcopy(HINT_TERM)]},

@@ -18,7 +18,7 @@ from padkd.registry import Registry, check_options, validate_options
 from padkd.tasks import Classification
 from padkd.weighting import WEIGHTINGS
 
-_MODEL_FIXED = {"in_channels", "num_classes"}
+_MODEL_FIXED = frozenset({"in_channels", "num_classes"})
 
 
 def _check(registry: Registry[Any], comp: Component, where: str, fixed: frozenset[str] = frozenset()) -> None:
@@ -31,9 +31,9 @@ def _check(registry: Registry[Any], comp: Component, where: str, fixed: frozense
 def check_components(cfg: Config) -> None:
     """Resolve every registered name and option of every stage now, not when stage 2 starts."""
     _check(DATASETS, cfg.data, "data")
-    _check(MODELS, cfg.student.model, "student.model", frozenset(_MODEL_FIXED))
+    _check(MODELS, cfg.student.model, "student.model", _MODEL_FIXED)
     if cfg.teacher is not None:
-        _check(MODELS, cfg.teacher.model, "teacher.model", frozenset(_MODEL_FIXED))
+        _check(MODELS, cfg.teacher.model, "teacher.model", _MODEL_FIXED)
     for i, stage in enumerate(cfg.stages):
         if stage.terms and cfg.teacher is None:
             raise PadkdError(f"stages[{i}].terms: distillation terms need a teacher; add a 'teacher:' section")

@@ -7,6 +7,7 @@ a stage is a fresh Distiller (new terms, e.g. a new PAD head) + a fresh optimize
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -204,7 +205,7 @@ class Trainer:
         cfg = self.cfg
         state = self._resume_state()
         seed_everything(cfg.seed, cfg.deterministic)
-        data = self.data = build_data(cfg)
+        data = build_data(cfg)
         teacher = build_model(cfg.teacher, data, "teacher").to(self.device) if cfg.teacher else None
         student = build_model(cfg.student, data, "student").to(self.device)
         progress = Progress()
@@ -236,8 +237,8 @@ class Trainer:
                          if term.carry and name in carried and carried[name][0] == term.signature()}
                 distiller = self._run_stage(index, stage, student, teacher, data, train_loader, loaders,
                                             progress, metrics, state if index == progress.stage else None, carry)
-                carried = {name: (term.signature(), t.method.state_dict())
-                           for name, term, t in zip(cfg.term_names(stage), stage.terms, distiller.terms, strict=True)}
+                carried = {t.name: (term.signature(), t.method.state_dict())
+                           for term, t in zip(stage.terms, distiller.terms, strict=True)}
                 state = None
                 progress.stage, progress.epoch, progress.batch = index + 1, 0, 0
             final = self._finish(student, loaders, progress, metrics)
@@ -436,7 +437,7 @@ class Trainer:
         final["last"] = self.evaluate(student, loaders[split])
         best_path = self.run_dir / "checkpoints" / "best.pt"
         if best_path.exists():
-            best = build_model(self.cfg.student, self.data, "student").to(self.device)
+            best = copy.deepcopy(student)  # same architecture; weights replaced below
             ckpt.load_state_strict(best, ckpt.load(best_path)["student"], str(best_path))
             final["best"] = self.evaluate(best, loaders[split])
         metrics.event({"event": "final", **final})
