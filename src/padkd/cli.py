@@ -36,22 +36,24 @@ def _run_config_for(path: Path) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from padkd.build import build_data, build_model, resolve_device
+    from padkd.build import build_data, build_model, build_task, resolve_device
     from padkd.config import ModelRef, load_config
     from padkd.engine import checkpoint as ckpt
-    from padkd.engine.trainer import Trainer
+    from padkd.engine.evaluate import evaluate
+    from padkd.engine.loaders import make_loader
 
     path = Path(args.checkpoint)
     cfg = load_config(args.config or _run_config_for(path), args.overrides)
     ref = ModelRef(model=cfg.student.model, checkpoint=str(path))
     data = build_data(cfg)
-    model = build_model(ref, data, "student").to(resolve_device(cfg.device))
-    trainer = Trainer(cfg, quiet=True)
-    loader = trainer.loader(data, args.split, train=False)
-    with torch.no_grad():
-        result = trainer.evaluate(model, loader)
+    task = build_task(cfg.task)
+    device = resolve_device(cfg.device)
+    model = build_model(ref, data, task, "student").to(device)
+    try:
+        loader = make_loader(cfg, data, args.split, train=False, collate=task.collate, device=device)
+    except ValueError as err:
+        raise PadkdError(f"--split {args.split}: {err}") from None
+    result = evaluate(task, model, loader)
     print(json.dumps({"checkpoint": str(ckpt.resolve(path)), "split": args.split, **result}, indent=2))
     return 0
 
@@ -64,7 +66,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     exported = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "export", "model": state["model"],
                 "student": state["student"]}
     ckpt.atomic_save(exported, Path(args.output))
-    dropped = len(state.get("aux", {}))
+    dropped = len(state.get("terms", {}))
     print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
           f"{dropped} distillation-only tensors such as PAD heads left out)")
     return 0
@@ -72,11 +74,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from padkd.data import DATASETS
+    from padkd.data.samplers import SAMPLERS
     from padkd.methods import METHODS
     from padkd.models import MODELS
+    from padkd.tasks import TASKS
     from padkd.weighting import WEIGHTINGS
 
-    registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS}[args.what]
+    registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS,
+                "tasks": TASKS, "samplers": SAMPLERS}[args.what]
     for name in registry.names():
         print(f"{name:18s} {registry.describe(name)}")
     return 0
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("what", choices=["methods", "weightings", "models", "datasets"])
+    p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("demo", help="the embedded default: teacher + 5 students on scikit-learn digits, report")

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from padkd.errors import PadkdError, did_you_mean
+from padkd.validate import check_components
 
 
 class Strict(BaseModel):
@@ -36,11 +37,16 @@ class Component(BaseModel):
 
 
 class DataConfig(Component):
-    """Dataset (a registered name and its options) and how it is loaded."""
+    """Dataset (a registered name and its options) and how it is loaded. `batch_size` is per process."""
 
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     num_workers: int = Field(0, ge=0)
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = Field(2, ge=1)
+    #: The training sampler (a registered name and options): `random`, or e.g. a class-balanced one.
+    sampler: Component = Field(default_factory=lambda: Component(name="random"))
 
 
 class ModelRef(Strict):
@@ -51,7 +57,8 @@ class ModelRef(Strict):
 
 
 class TermConfig(Strict):
-    """One distillation term; `student`/`teacher` are tap paths (`output`, `layer3`, `fc:in`)."""
+    """One distillation term; `student`/`teacher` are tap paths (`output`, `layer3`, `fc:in`) or the
+    models' tap aliases (`stage3`, `pooled`)."""
 
     name: str | None = None
     method: Component
@@ -65,7 +72,10 @@ class TermConfig(Strict):
     carry: bool = True
     #: Learning-rate multiplier for this term's trainable modules (connector, PAD head): a PAD head
     #: trained at a small stage-2 LR for few steps barely leaves its initialisation (docs/pad.md).
-    lr_scale: float = Field(1.0, gt=0)
+    #: 0 freezes them for the stage (a paraphraser trained in an init stage).
+    lr_scale: float = Field(1.0, ge=0)
+    #: Epochs over which the term's weight ramps up linearly; null: the method's default (DKD: 20).
+    warmup_epochs: float | None = Field(None, ge=0)
 
     def signature(self) -> str:
         """What must match for `carry`: the method with its options and both taps."""
@@ -91,7 +101,11 @@ class SchedulerConfig(Strict):
 
 class StageConfig(Strict):
     """A training stage. Each stage builds fresh terms (new PAD heads, connectors) and a fresh
-    optimizer; the student carries over from the previous stage."""
+    optimizer; the student carries over from the previous stage.
+
+    Init stages (AB, FT, FSP, FitNet's hint stage) train only some modules: `trainable` lists the
+    student's module paths that train (null: all; []: none), `student_mode: eval` runs the student in
+    eval mode, and a term's `lr_scale: 0` freezes its modules."""
 
     name: str = "main"
     epochs: int = Field(ge=1)
@@ -99,11 +113,23 @@ class StageConfig(Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     terms: list[TermConfig] = Field(default_factory=list)
     task_weight: float = 1.0
+    trainable: list[str] | None = None
+    student_mode: Literal["train", "eval"] = "train"
 
 
-class TaskConfig(Strict):
-    name: Literal["classification"] = "classification"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+class EngineConfig(Strict):
+    """How each training step runs: precision, gradient accumulation and clipping, compile, layout."""
+
+    #: bf16 or fp16 autocast (fp16 with a gradient scaler, saved in checkpoints); losses and PAD in fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: Micro-batches per optimizer step (the effective batch is accumulate × batch_size × processes).
+    accumulate: int = Field(1, ge=1)
+    #: Clip the global gradient norm of each optimizer step to this value (null: no clipping).
+    clip_grad_norm: float | None = Field(None, gt=0)
+    #: torch.compile the student and teacher in place (state_dict keys unchanged).
+    compile: bool = False
+    #: NHWC memory layout for models and 4-d inputs (faster convolutions on recent GPUs).
+    channels_last: bool = False
 
 
 class DistillConfig(Strict):
@@ -134,8 +160,9 @@ class Config(Strict):
     data: DataConfig
     teacher: ModelRef | None = None
     student: ModelRef
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: Component = Field(default_factory=lambda: Component(name="classification"))
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     stages: list[StageConfig] = Field(min_length=1)
     log: LogConfig = Field(default_factory=LogConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)
@@ -211,8 +238,6 @@ def parse_config(raw: dict[str, Any]) -> Config:
         cfg = Config.model_validate(raw)
     except pydantic.ValidationError as err:
         raise PadkdError(_format_error(err)) from None
-    from padkd.build import check_components
-
     check_components(cfg)
     return cfg
 
@@ -247,17 +272,54 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
             raise PadkdError(f"override '{key}': '{'.'.join(parts[:i])}' is not a mapping or list")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `key=value` overrides and validate the result."""
-    path = Path(path)
-    if not path.is_file():
-        raise PadkdError(f"config file '{path}' not found; pass the path of a YAML config (see configs/)")
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise PadkdError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+
+
+def merge(base: Any, delta: Any) -> Any:
+    """`delta` over `base`: mappings merge key by key (recursively), anything else is replaced."""
+    if isinstance(base, dict) and isinstance(delta, dict):
+        out = dict(base)
+        for key, value in delta.items():
+            out[key] = merge(base[key], value) if key in base else value
+        return out
+    return delta
+
+
+def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a plain dict, with its `extends:` bases (paths relative to the file, one or a
+    list, later ones winning) merged under it. Bases are data like the file itself: nothing is imported."""
+    path = Path(path)
+    if not path.is_file():
+        where = f" (extended by {_chain[-1]})" if _chain else ""
+        raise PadkdError(f"config file '{path}'{where} not found; pass the path of a YAML config (see configs/)")
+    if path.resolve() in _chain:
+        raise PadkdError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
+    raw = _read_yaml(path)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise PadkdError(f"{path}: the file must hold a YAML mapping of keys to values")
+    bases = raw.pop("extends", None)
+    if bases is None:
+        return raw
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise PadkdError(f"{path}: extends must be a relative path or a list of them, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = merge(merged, read_raw(path.parent / base, (*_chain, path.resolve())))
+    return merge(merged, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (and the files it extends), apply `key=value` overrides and validate the result."""
+    raw = read_raw(path)
     for assignment in overrides or []:
         set_override(raw, assignment)
     return parse_config(raw)

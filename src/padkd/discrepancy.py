@@ -13,26 +13,27 @@ class Discrepancy:
     """Discrepancies `value` of shape `[B]` or `[B, E]` and an optional boolean `mask` of the same shape.
 
     E counts the elements of one sample (feature dimensions, locations, pair partners, anchors);
-    masked-out elements (mask False) take no part in any reduction.
+    masked-out elements (mask False) take no part in any reduction. `unweighted` is an optional scalar
+    that belongs to the method's loss but to no sample (VID's `½ mean log σ²_c`): the Distiller adds it
+    after the weighting, so no weighting ever scales or mines it.
     """
 
     value: Tensor
     mask: Tensor | None = None
+    unweighted: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.value.dim() not in (1, 2):
             raise ValueError(f"discrepancy must have shape [B] or [B, E], got {tuple(self.value.shape)}")
         if self.mask is not None and self.mask.shape != self.value.shape:
             raise ValueError(f"mask shape {tuple(self.mask.shape)} != discrepancy shape {tuple(self.value.shape)}")
+        if self.unweighted is not None and self.unweighted.dim() != 0:
+            raise ValueError(f"unweighted part must be a scalar, got shape {tuple(self.unweighted.shape)}")
 
     @classmethod
     def of(cls, d: Tensor | Discrepancy) -> Discrepancy:
         """Accept a bare tensor where a Discrepancy is expected."""
         return d if isinstance(d, Discrepancy) else cls(d)
-
-    @property
-    def batch_size(self) -> int:
-        return self.value.shape[0]
 
     @property
     def elements(self) -> int:

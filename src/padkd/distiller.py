@@ -2,30 +2,38 @@
 
 The teacher is frozen here and only here: its parameters never require grad, it runs in eval mode
 and under `no_grad` (train-mode BN is an explicit, logged option). Each term pairs a method (what
-is matched) with a weighting (how samples count); the training loop only sees a dict of losses.
+is matched) with a weighting (how samples count); the training step only sees a dict of losses.
+How the models are called is the task's business (`Task.forward`, `Task.teacher_forward`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from padkd.batch import Batch
+from padkd.context import BuildContext, DataInfo, Features
 from padkd.discrepancy import Discrepancy
-from padkd.methods.base import Batch, Features, Method
-from padkd.taps import OUTPUT, Taps, last_linear_input
+from padkd.methods.base import Method
+from padkd.taps import OUTPUT, Taps, default_embedding
+from padkd.tasks.base import Task
 from padkd.weighting import Uniform, Weighting
 
 log = logging.getLogger(__name__)
 
-TaskLoss = Callable[[Tensor, Batch], Tensor]
-
 
 class Term(nn.Module):
-    """One distillation term: `weight · weighting(method(student[tap], teacher[tap]))`."""
+    """One distillation term: `weight · ramp · weighting(method(student[tap], teacher[tap]))`.
+
+    `carry`: start the method's modules (a connector) from the previous stage's term of the same name
+    and `signature`. `lr_scale` multiplies the LR of the term's modules (0 freezes them).
+    `warmup_epochs` (default: the method's own, e.g. DKD's) ramps the weight linearly over epochs.
+    """
 
     def __init__(
         self,
@@ -36,22 +44,41 @@ class Term(nn.Module):
         teacher: str | list[str] = OUTPUT,
         weight: float = 1.0,
         embedding: str | None = None,
+        carry: bool = True,
+        lr_scale: float = 1.0,
+        warmup_epochs: float | None = None,
+        signature: str | None = None,
     ) -> None:
         super().__init__()
+        if lr_scale < 0:
+            raise ValueError(f"term '{name}': lr_scale must be >= 0, got {lr_scale}")
         self.name = name
         self.method = method
         self.weighting = weighting if weighting is not None else Uniform()
+        self.weighting.check(method)
         self.student_tap = student
         self.teacher_tap = teacher
         self.weight = weight
         self.embedding_tap = embedding
+        self.carry = carry
+        self.lr_scale = lr_scale
+        self.warmup_epochs = method.warmup_epochs if warmup_epochs is None else warmup_epochs
+        self.signature = signature or json.dumps([type(method).__qualname__, student, teacher])
 
-    def paths(self, which: str) -> list[str]:
-        tap = self.student_tap if which == "student" else self.teacher_tap
-        return [tap] if isinstance(tap, str) else list(tap)
+    def student_paths(self) -> list[str]:
+        return [self.student_tap] if isinstance(self.student_tap, str) else list(self.student_tap)
+
+    def teacher_paths(self) -> list[str]:
+        return [self.teacher_tap] if isinstance(self.teacher_tap, str) else list(self.teacher_tap)
+
+    def ramp(self, epoch: int | None) -> float:
+        """The warm-up factor in (0-based) `epoch` of the stage: min(1, (epoch + 1) / warmup_epochs)."""
+        if not self.warmup_epochs or epoch is None:
+            return 1.0
+        return min(1.0, (epoch + 1) / self.warmup_epochs)
 
 
-def _gather(values: dict[str, Tensor], tap: str | list[str]) -> Features:
+def _gather(values: dict[str, Any], tap: str | list[str]) -> Features:
     return values[tap] if isinstance(tap, str) else [values[p] for p in tap]
 
 
@@ -59,8 +86,8 @@ def _gather(values: dict[str, Tensor], tap: str | list[str]) -> Features:
 class DistillOutput:
     """A forward's result: student/teacher outputs, named (weighted) losses and per-term records."""
 
-    student: Tensor
-    teacher: Tensor | None
+    student: Any
+    teacher: Any | None
     losses: dict[str, Tensor]
     records: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
@@ -70,10 +97,12 @@ class DistillOutput:
 
 
 class Distiller(nn.Module):
-    """Teacher + student + terms (+ optional task loss) → named losses.
+    """Teacher + student + terms (+ the task's loss) → named losses.
 
-    Call `prepare(batch)` once before building the optimizer: it runs an example batch to create the
-    terms' shape-dependent modules (connectors, PAD heads) and PAD's data-dependent initialisation.
+    Call `prepare(batch, data)` once before building the optimizer: it runs an example batch to
+    create the terms' shape-dependent modules (connectors, PAD heads), carries modules over from the
+    previous stage's distiller, and runs PAD's data-dependent initialisation. Taps are installed here
+    once and removed by `close()`.
     """
 
     def __init__(
@@ -81,10 +110,11 @@ class Distiller(nn.Module):
         student: nn.Module,
         teacher: nn.Module | None = None,
         terms: list[Term] | None = None,
-        task_loss: TaskLoss | None = None,
+        task: Task | None = None,
         task_weight: float = 1.0,
         embedding: str = "auto",
         teacher_train_bn: bool = False,
+        student_mode: Literal["train", "eval"] = "train",
     ) -> None:
         super().__init__()
         terms = terms or []
@@ -97,12 +127,15 @@ class Distiller(nn.Module):
         # Kept out of the module tree: never in the optimizer, DDP or the distiller's state_dict.
         self._teacher = [teacher] if teacher is not None else []
         self.terms = nn.ModuleList(terms)
-        self.task_loss = task_loss
+        #: None: models are called as `model(batch.inputs)` and there is no task loss.
+        self.task = task
+        self._caller = task if task is not None else Task()
         self.task_weight = task_weight
         self.teacher_train_bn = teacher_train_bn
-        for term in terms:
-            if term.embedding_tap is None and term.weighting.needs_embedding:
-                term.embedding_tap = last_linear_input(student) if embedding == "auto" else embedding
+        self.student_mode = student_mode
+        self._embedding_taps = {
+            t.name: t.embedding_tap or (default_embedding(student) if embedding == "auto" else embedding)
+            for t in terms if t.weighting.needs_embedding}
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -111,9 +144,10 @@ class Distiller(nn.Module):
             if teacher_train_bn:
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
-        self._student_paths = {OUTPUT} | {p for t in terms for p in t.paths("student")} | {
-            t.embedding_tap for t in terms if t.embedding_tap}
-        self._teacher_paths = {OUTPUT} | {p for t in terms for p in t.paths("teacher")}
+        student_paths = {p for t in terms for p in t.student_paths()} | set(self._embedding_taps.values())
+        self._student_taps = Taps(student, student_paths, "student")
+        self._teacher_taps = Taps(teacher, {p for t in terms for p in t.teacher_paths()}, "teacher") \
+            if teacher is not None and terms else None
         self._prepared = not terms
 
     @property
@@ -129,6 +163,7 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
+        self.student.train(mode and self.student_mode == "train")
         if self.teacher is not None:
             self.teacher.train(False)
             if self.teacher_train_bn:
@@ -138,69 +173,117 @@ class Distiller(nn.Module):
                     m.track_running_stats = tracking and not mode
         return self
 
-    def _features(self, inputs: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        s_taps = Taps(self.student, self._student_paths, "student")
-        try:
-            s_values = s_taps.take(self.student(inputs))
-        finally:
-            s_taps.close()
-        if self.teacher is None or not len(self.terms):  # no term reads the teacher: skip its forward
+    def close(self) -> None:
+        """Remove the taps' hooks from both models (the stage is over)."""
+        self._student_taps.close()
+        if self._teacher_taps is not None:
+            self._teacher_taps.close()
+
+    def _features(self, batch: Batch) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        with self._student_taps.capture():
+            s_out = self._caller.forward(self.student, batch, training=self.training)
+        s_values = self._student_taps.values(s_out)
+        if self._teacher_taps is None:  # no term reads the teacher: skip its forward
             return s_values, None
-        t_taps = Taps(self.teacher, self._teacher_paths, "teacher")
-        try:
-            with torch.no_grad():
-                t_values = t_taps.take(self.teacher(inputs))
-        finally:
-            t_taps.close()
-        return s_values, t_values
+        with torch.no_grad(), self._teacher_taps.capture():
+            t_out = self._caller.teacher_forward(self.teacher, batch, s_values)  # type: ignore[arg-type]
+        return s_values, self._teacher_taps.values(t_out)
 
     @torch.no_grad()
-    def prepare(self, batch: Batch, carry: dict[str, dict[str, Tensor]] | None = None) -> None:
-        """Build every term's shape-dependent modules from an example batch (idempotent).
+    def prepare(self, batch: Batch, data: DataInfo | None = None, world_size: int = 1,
+                previous: Distiller | None = None) -> None:
+        """Build every term's modules from an example batch (idempotent), in eval mode (no state changes).
 
-        `carry` maps term names to method states to start from (e.g. the previous stage's connector),
-        loaded before the weightings see their first discrepancies (PAD's data initialisation)."""
+        `previous`: the last stage's distiller; terms with `carry` load the method state of its term of
+        the same name and signature before the weightings see their first discrepancies."""
         if self._prepared:
             return
+        data = data or DataInfo(n_train=len(batch))
+        carried = {t.name: t for t in previous.terms} if previous is not None else {}
+        device = next(iter(self.student.parameters()), torch.empty(0)).device
         was_training = self.training
         self.train(False)
         try:
-            s_values, t_values = self._features(batch.inputs)
-            assert t_values is not None or not len(self.terms)
+            s_values, t_values = self._features(batch)
+            assert t_values is not None
             for term in self.terms:
                 s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
-                term.method.build(s, t)
-                if carry and term.name in carry:
-                    term.method.load_state_dict(carry[term.name])
+                ctx = BuildContext(student=s, teacher=t, batch=batch, data=data, world_size=world_size,
+                                   student_model=self.student, teacher_model=self.teacher)
+                term.method.build(ctx)
+                term.method.to(device)
+                source = carried.get(term.name)
+                if term.carry and source is not None and source.signature == term.signature:
+                    term.method.load_state_dict(source.method.state_dict())
                 d = Discrepancy.of(term.method(s, t, batch))
-                emb = s_values[term.embedding_tap] if term.embedding_tap else None
-                term.weighting.build(d, emb)
+                term.weighting.build(d, self._embedding(term, s_values), ctx)
+                term.weighting.to(device)
         finally:
             self.train(was_training)
         self._prepared = True
 
-    def forward(self, batch: Batch) -> DistillOutput:
+    def _embedding(self, term: Term, s_values: dict[str, Any]) -> Tensor | None:
+        tap = self._embedding_taps.get(term.name)
+        return s_values[tap] if tap is not None else None
+
+    def forward(self, batch: Batch, epoch: int | None = None) -> DistillOutput:
+        """Losses on `batch`; `epoch` (0-based, within the stage) drives the terms' warm-up ramps."""
         if not self._prepared:
             raise RuntimeError("Distiller.prepare(batch) must run once before the first forward")
-        s_values, t_values = self._features(batch.inputs)
+        s_values, t_values = self._features(batch)
         losses: dict[str, Tensor] = {}
         records: dict[str, dict[str, Tensor]] = {}
-        if self.task_loss is not None:
-            losses["task"] = self.task_weight * self.task_loss(s_values[OUTPUT], batch)
+        if self.task is not None:
+            losses["task"] = self.task_weight * self.task.loss(s_values[OUTPUT], batch)
         for term in self.terms:
             assert t_values is not None
             s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
             d = Discrepancy.of(term.method(s, t, batch))
-            emb = s_values[term.embedding_tap] if term.embedding_tap else None
-            result = term.weighting(d, emb)
-            losses[term.name] = term.weight * result.loss
-            rec = {"discrepancy": d.reduce_elements().detach().float(), "weight": result.weight.detach()}
-            if result.log_var is not None:
-                rec["log_var"] = result.log_var.detach()
-            records[term.name] = rec
+            result = term.weighting(d, self._embedding(term, s_values))
+            loss = result.loss if d.unweighted is None else result.loss + d.unweighted.float()
+            losses[term.name] = term.weight * term.ramp(epoch) * loss
+            records[term.name] = {"discrepancy": d.reduce_elements().detach().float(),
+                                  "weight": result.weight.detach()} | result.columns
         teacher_out = t_values[OUTPUT] if t_values is not None else None
         return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records)
 
-    def aux_state_dict(self) -> dict[str, Tensor]:
-        """State of the terms' trainable modules (connectors, PAD heads): saved, never exported."""
+    def param_groups(self, trainable: list[str] | None = None) -> list[dict[str, Any]]:
+        """Optimizer groups: the student's trainable parameters (all, or those under the module paths
+        in `trainable`), then each term's modules at `lr_scale` (0 = frozen, left out). Parameters left
+        out get `requires_grad=False` for this stage, so no gradient is computed for them."""
+        groups = []
+        student = []
+        for name, p in self.student.named_parameters():
+            train = trainable is None or any(name == m or name.startswith(f"{m}.") for m in trainable)
+            p.requires_grad_(train)
+            if train:
+                student.append(p)
+        if student:
+            groups.append({"params": student, "lr_scale": 1.0, "name": "student"})
+        for term in self.terms:
+            params = list(term.parameters())
+            for p in params:
+                p.requires_grad_(term.lr_scale > 0)
+            if params and term.lr_scale > 0:
+                groups.append({"params": params, "lr_scale": term.lr_scale, "name": term.name})
+        return groups
+
+    def synced_buffers(self) -> list[Tensor]:
+        """Buffers every rank must hold alike before evaluation and saving (BatchNorm statistics of the
+        student and of the terms), without the rank-local state a method keeps itself (memory banks)."""
+        buffers = list(self.student.buffers())
+        for term in self.terms:
+            buffers += list(term.weighting.buffers())
+            if term.method.sync_buffers:
+                buffers += list(term.method.buffers())
+        return buffers
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Whether DDP must look for parameters that a forward left unused."""
+        return bool(self.task is not None and self.task.find_unused_parameters) or any(
+            t.method.unused_parameters for t in self.terms)
+
+    def terms_state_dict(self) -> dict[str, Tensor]:
+        """State of the terms' modules (connectors, PAD heads, memory banks): saved, never exported."""
         return self.terms.state_dict()

@@ -1,53 +1,130 @@
-"""Forward hooks by module path, so unmodified torchvision/timm/user models expose features.
+"""Forward hooks by module path, installed once and switched on by a capture context.
 
-A tap path is `"output"` (the model's return value), `"layer3.1"` (that module's output) or
-`"fc:in"` (that module's first input, e.g. the pooled embedding before a classifier).
+A tap path names what to read from a forward:
+- `"output"`: the value the task's forward returned (logits, embeddings, a loss dict);
+- `"layer3.1"`: that module's output; `"fc:in"`: its first input (e.g. the pooled embedding);
+- an alias the model declares in its `padkd_taps` mapping (`"stage3"`, `"pooled"`, `"preact2"`), so
+  one recipe runs across architectures; module paths keep working;
+- `"relu#1"`: the second call of a module that runs several times in one forward, `"relu#*"` the list
+  of all its calls. A plain path to a module that ran more than once is an error that says so.
+
+Hooks stay installed for a stage (adding or removing hooks per step would make `torch.compile`
+recompile); outside `capture()` they return at once. Values may be tensors, lists or dicts (FPN levels).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from padkd.errors import PadkdError, did_you_mean
 
 OUTPUT = "output"
 
 
-def last_linear_input(model: nn.Module) -> str:
-    """Tap path of the input of the model's last `nn.Linear` (its pooled embedding by convention)."""
+def aliases(model: nn.Module) -> dict[str, str]:
+    """The model's named tap points (`padkd_taps`: alias → module path), empty for plain models."""
+    return dict(getattr(model, "padkd_taps", {}) or {})
+
+
+def default_embedding(model: nn.Module) -> str:
+    """Where PAD reads the student embedding by default: the model's `pooled` alias, else the input
+    of its last `nn.Linear` (its pooled embedding by convention)."""
+    if "pooled" in aliases(model):
+        return "pooled"
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not names:
-        raise PadkdError("the student has no nn.Linear to take an embedding from: set distill.embedding")
+        raise PadkdError("the student has no nn.Linear and no 'pooled' tap to take an embedding from: "
+                         "set distill.embedding to a tap path")
     return f"{names[-1]}:in"
 
 
+@dataclass(frozen=True)
+class TapPath:
+    """A parsed tap path: module name, input or output, and which call (None: the only one; -1: all)."""
+
+    text: str
+    module: str
+    want_input: bool
+    call: int | None
+
+    @classmethod
+    def parse(cls, text: str, model: nn.Module, role: str) -> TapPath:
+        path, _, call_text = text.partition("#")
+        path = aliases(model).get(path, path)
+        name, _, which = path.partition(":")
+        if which not in ("", "in"):
+            raise PadkdError(f"{role} tap '{text}': suffix must be ':in' or nothing")
+        call: int | None = None
+        if call_text:
+            if call_text != "*" and not call_text.isdigit():
+                raise PadkdError(f"{role} tap '{text}': '#' must be followed by a call number or '*'")
+            call = -1 if call_text == "*" else int(call_text)
+        return cls(text, name, which == "in", call)
+
+
 class Taps:
-    """Records the tensors at `paths` on every forward of `model` until `close()`."""
+    """Records the values at `paths` of `model`'s forwards run inside `capture()`; `close()` removes the hooks."""
 
     def __init__(self, model: nn.Module, paths: set[str], role: str) -> None:
-        self.values: dict[str, Tensor] = {}
-        self._handles = []
+        self.role = role
+        self._recording = False
+        self._calls: dict[str, list[tuple[Any, Any]]] = {}
+        self._handles: list[RemovableHandle] = []
         modules = dict(model.named_modules())
-        for path in sorted(paths - {OUTPUT}):
-            name, _, which = path.partition(":")
-            if which not in ("", "in"):
-                raise PadkdError(f"{role} tap '{path}': suffix must be ':in' or nothing")
-            if name not in modules:
-                raise PadkdError(f"{role} tap '{path}': no module '{name}'{did_you_mean(name, modules)}")
-            self._handles.append(modules[name].register_forward_hook(self._hook(path, which == "in")))
+        self.paths = {p: TapPath.parse(p, model, role) for p in sorted(paths - {OUTPUT})}
+        for tap in self.paths.values():
+            if tap.module not in modules:
+                options = list(modules) + list(aliases(model))
+                raise PadkdError(f"{role} tap '{tap.text}': no module '{tap.module}'{did_you_mean(tap.module, options)}")
+        for name in sorted({tap.module for tap in self.paths.values()}):
+            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 
-    def _hook(self, path: str, want_input: bool):  # type: ignore[no-untyped-def]
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            self.values[path] = inputs[0] if want_input else output
+            if self._recording:
+                self._calls.setdefault(name, []).append((inputs[0] if inputs else None, output))
 
         return hook
 
-    def take(self, output: Tensor) -> dict[str, Tensor]:
-        """This forward's tapped tensors (plus "output"), clearing them for the next one."""
-        values, self.values = self.values, {}
-        values[OUTPUT] = output
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record every call of the tapped modules during the block (previous values are dropped)."""
+        self._calls = {}
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def values(self, output: Any) -> dict[str, Any]:
+        """The last capture's tapped values by path, plus `"output"`; clears the recorded calls."""
+        calls, self._calls = self._calls, {}
+        values: dict[str, Any] = {OUTPUT: output}
+        for text, tap in self.paths.items():
+            made = calls.get(tap.module, [])
+            picked = [c[0] if tap.want_input else c[1] for c in made]
+            if tap.call == -1:
+                values[text] = picked
+            elif tap.call is not None:
+                if tap.call >= len(picked):
+                    raise PadkdError(f"{self.role} tap '{text}': module '{tap.module}' ran {len(picked)} time(s) "
+                                     "in this forward")
+                values[text] = picked[tap.call]
+            elif len(picked) == 1:
+                values[text] = picked[0]
+            elif not picked:
+                raise PadkdError(f"{self.role} tap '{text}': module '{tap.module}' did not run in this forward; "
+                                 "tap a module on the forward path")
+            else:
+                raise PadkdError(f"{self.role} tap '{text}': module '{tap.module}' ran {len(picked)} times in one "
+                                 f"forward; tap '{text}#0' … '{text}#{len(picked) - 1}' for one call or "
+                                 f"'{text}#*' for all of them")
         return values
 
     def close(self) -> None:

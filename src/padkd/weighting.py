@@ -9,15 +9,21 @@ the PAD paper argues against; their weights are detached and normalised to mean 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from padkd.discrepancy import Discrepancy, batch_mean, valid_count
+from padkd.errors import PadkdError
+from padkd.ops import pool
 from padkd.registry import Registry
+
+if TYPE_CHECKING:
+    from padkd.context import BuildContext
+    from padkd.methods.base import Method
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 
@@ -30,12 +36,14 @@ DEFAULT_WARMUP_STEPS = 100
 
 @dataclass
 class WeightedLoss:
-    """A weighting's result: the scalar `loss` and, per sample (detached, for records), the effective
-    `weight` and, for PAD, the mean learned `log_var` (log σ²)."""
+    """A weighting's result: the scalar `loss`; per sample (detached, for records) the relative
+    `weight` of the sample in this batch's loss (mean 1 over valid samples, 0 for masked ones, so the
+    column means the same under every weighting); and extra per-sample `columns` (PAD: the learned
+    `log_var` and the unnormalised `inv_var` = mean over elements of 1/σ²)."""
 
     loss: Tensor
     weight: Tensor
-    log_var: Tensor | None = None
+    columns: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Weighting(nn.Module):
@@ -43,11 +51,16 @@ class Weighting(nn.Module):
 
     #: True when the weighting reads a student embedding (the Distiller then taps one).
     needs_embedding: bool = False
+    #: True for weightings that leave the batch mean as it is, the only ones a batch-level method allows.
+    accepts_batch_level: bool = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def check(self, method: Method) -> None:
+        """Refuse a method this weighting cannot weight (ValueError naming the fix); run at config check."""
+        if method.unit == "batch" and not self.accepts_batch_level:
+            raise ValueError(f"method '{type(method).__name__}' is batch-level (its loss does not split into "
+                             "per-sample parts): only weighting 'uniform' applies")
 
-    def build(self, d: Discrepancy, embedding: Tensor | None) -> None:
+    def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
         """Create shape-dependent parameters from an example batch (before the optimizer exists)."""
 
     def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
@@ -84,6 +97,8 @@ class SampleWeighting(Weighting):
 @WEIGHTINGS.register("uniform")
 class Uniform(SampleWeighting):
     """Every sample counts the same: the weighting of every existing distillation method."""
+
+    accepts_batch_level = True
 
     def weights(self, d: Tensor) -> Tensor:
         return torch.ones_like(d)
@@ -238,12 +253,19 @@ class PAD(Weighting):
         nn.init.zeros_(linear.bias)
         self.head = nn.Sequential(linear, nn.BatchNorm1d(out_dim))
 
-    def build(self, d: Discrepancy, embedding: Tensor | None) -> None:
+    def check(self, method: Method) -> None:
+        super().check(method)
+        if self.mode == "per_element" and method.elements == "exchangeable":
+            raise ValueError(f"PAD mode 'per_element' needs elements with a fixed meaning, but the elements of "
+                             f"method '{type(method).__name__}' are exchangeable partners (pairwise rows); "
+                             "use mode: per_sample")
+
+    def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
         if embedding is None:
             raise ValueError("PAD needs a student embedding to predict log σ² from")
         if self.head is None:
             out_dim = 1 if self.mode == "per_sample" else d.elements
-            self._make_head(_flatten(embedding).shape[1], out_dim)
+            self._make_head(pool(embedding).shape[1], out_dim)
         if self.init == "data" and not self._ready:
             self._init_from(d)
 
@@ -264,7 +286,7 @@ class PAD(Weighting):
         """Predicted log σ², `[B, out_dim]`, after the floor and clamp."""
         if self.head is None:
             raise RuntimeError("PAD head not built: pass in_dim or call build() with an example batch")
-        x = _flatten(embedding.detach() if self.detach_input else embedding)
+        x = pool(embedding.detach() if self.detach_input else embedding)
         s = self.head(x.float()).float()
         if self.log_var_floor is not None:
             s = self.log_var_floor + F.softplus(s - self.log_var_floor)
@@ -282,9 +304,10 @@ class PAD(Weighting):
             values, _ = d.matrix()
             s = self.log_var(embedding)
             if s.shape[1] not in (1, values.shape[1]):
-                raise ValueError(
-                    f"PAD head predicts {s.shape[1]} log-variances per sample but the discrepancy has "
-                    f"E={values.shape[1]} elements: use out_dim={values.shape[1]} or mode='per_sample'"
+                raise PadkdError(
+                    f"PAD head predicts {s.shape[1]} log-variances per sample but this discrepancy has "
+                    f"E={values.shape[1]} elements (its size changed since the head was built, e.g. another "
+                    "input size); use weighting mode: per_sample"
                 )
             s = s.expand_as(values)
             nll = values.float() / (torch.exp(s) + self.eps) + s
@@ -295,11 +318,10 @@ class PAD(Weighting):
         if self.training:
             self.step += 1
         with torch.no_grad():
-            weight = d.reduce_elements(torch.exp(-s.detach()))
+            inv_var = d.reduce_elements(torch.exp(-s.detach()))
             log_var = d.reduce_elements(s.detach())
-        return WeightedLoss(loss=loss, weight=weight, log_var=log_var)
-
-
-def _flatten(embedding: Tensor) -> Tensor:
-    """`[B, D]` from an embedding; feature maps `[B, C, ...]` are average-pooled to `[B, C]`."""
-    return embedding.flatten(2).mean(-1) if embedding.dim() > 2 else embedding
+            valid = d.sample_mask()
+            weight = inv_var / batch_mean(inv_var, valid).clamp_min(1e-30)
+            if valid is not None:
+                weight = weight * valid.to(weight.dtype)
+        return WeightedLoss(loss=loss, weight=weight, columns={"log_var": log_var, "inv_var": inv_var})

@@ -1,31 +1,57 @@
-"""Dataset registry. A factory returns `DataSplits`: train/val/test datasets whose items are
-`(input, target, index)`, the index being the sample's position in its split (for records)."""
+"""Dataset registry. A factory returns `DataSplits`: train/(val)/test datasets whose items are
+`(input, target, index)`, the index being the sample's position in its split (records, memory banks)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from padkd.context import DataInfo
 from padkd.registry import Registry
+
+#: A transform of a whole batch on its device (batched augmentation of in-memory uint8 images).
+BatchTransform = Callable[[Any], Any]
 
 
 @dataclass
 class DataSplits:
-    """The three splits of a data set and what models need to know about it."""
+    """The splits of a data set and what models and methods need to know about it.
+
+    `val` may be None (retrieval protocols have no validation split: then no epoch is "best").
+    `eval_train` is the training split with evaluation transforms (records of the train split), when
+    it differs from `train`. `device_transforms` maps "train"/"eval" to batched transforms that the
+    engine applies after moving a batch to its device (augmentation as tensor ops, on the GPU when
+    there is one). `normalization` is the per-channel (mean, std) the inputs were normalised with.
+    """
 
     train: Dataset
-    val: Dataset
+    val: Dataset | None
     test: Dataset
-    num_classes: int
     in_channels: int
-    #: (mean, std) used to normalise inputs: the report undoes it to show images.
-    normalization: tuple[float, float] = (0.0, 1.0)
+    num_classes: int | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,))
+    train_targets: Tensor | None = None
+    eval_train: Dataset | None = None
+    device_transforms: dict[str, BatchTransform] = field(default_factory=dict)
 
-    def split(self, name: str) -> Dataset:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
+    def split(self, name: str, augment: bool = False) -> Dataset:
+        """A split by name; the training split without augmentation unless `augment`."""
+        if name == "train":
+            return self.train if augment or self.eval_train is None else self.eval_train
+        dataset = {"val": self.val, "test": self.test}[name]
+        if dataset is None:
+            raise ValueError(f"this data set has no '{name}' split")
+        return dataset
+
+    def info(self) -> DataInfo:
+        """What methods may know about the training data (`BuildContext.data`)."""
+        return DataInfo(n_train=len(self.train), num_classes=self.num_classes,  # type: ignore[arg-type]
+                        train_targets=self.train_targets)
 
 
 class TensorData(Dataset):
@@ -63,3 +89,4 @@ def stratified_split(labels: Tensor, fractions: tuple[float, float, float], seed
 DATASETS: Registry[DataSplits] = Registry("dataset")
 
 from padkd.data import digits, mnist  # noqa: E402,F401  (register the built-in datasets)
+from padkd.data import samplers  # noqa: E402,F401

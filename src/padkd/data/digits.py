@@ -25,5 +25,6 @@ def digits(val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: in
         test=TensorData(images[test], labels[test]),
         num_classes=10,
         in_channels=1,
-        normalization=(mean, std),
+        normalization=((mean,), (std,)),
+        train_targets=labels[train],
     )

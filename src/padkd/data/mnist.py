@@ -75,5 +75,6 @@ def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, spli
         test=TensorData(images(arrays["test_images"]), torch.tensor(arrays["test_labels"], dtype=torch.long)),
         num_classes=10,
         in_channels=1,
-        normalization=(MEAN, STD),
+        normalization=((MEAN,), (STD,)),
+        train_targets=train_y[train_idx],
     )

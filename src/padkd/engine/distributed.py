@@ -1,16 +1,13 @@
-"""torch.distributed helpers: torchrun environment → process group, rank-0 checks, reductions, and a
-seeded, sharded, resumable sampler. With one process everything degrades to plain local code."""
+"""torch.distributed helpers: torchrun environment → process group, rank-0 checks, reductions and
+gathers. With one process everything degrades to plain local code."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import Sampler
 
 
 def init_from_env(device: torch.device) -> tuple[int, int]:
@@ -31,61 +28,49 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _comm_device() -> torch.device:
+    """Where collectives need their tensors: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sum each tensor across ranks (in one collective); identity on a single process."""
+    """Sum each scalar across ranks (in one collective); identity on a single process. Every rank must
+    pass the same keys (a rank without data passes zeros)."""
     if not is_distributed() or not values:
         return values
     keys = sorted(values)
-    flat = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    flat = torch.stack([values[k].detach().float().reshape(()).to(_comm_device()) for k in keys])
     dist.all_reduce(flat)
     return dict(zip(keys, flat.unbind(), strict=True))
 
 
-class EpochSampler(Sampler[int]):
-    """Per-epoch permutation seeded by (seed, epoch key), sharded across ranks, able to start at an offset.
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's `tensor` along dim 0, rank order (sizes may differ); no autograd.
 
-    The order depends only on the seed and the epoch, never on the global RNG, so a run resumed
-    mid-epoch sees exactly the samples an uninterrupted run would have seen next.
-    """
-
-    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.size, self.shuffle, self.seed, self.rank, self.world = size, shuffle, seed, rank, world
-        self.epoch_key = 0
-        self.start = 0
-
-    def set_epoch(self, epoch_key: int, start: int = 0) -> None:
-        """Select the epoch's order and skip its first `start` samples of this rank."""
-        self.epoch_key, self.start = epoch_key, start
-
-    def _order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch_key)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        if self.world > 1:
-            total = math.ceil(self.size / self.world) * self.world
-            order = (order + order[: total - self.size])[self.rank :: self.world]
-        return order
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order()[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, math.ceil(self.size / self.world) - self.start)
+    Memory banks use it to apply every rank's samples; evaluators to see the whole split."""
+    if not is_distributed():
+        return tensor
+    device = tensor.device
+    local = tensor.detach().to(_comm_device())
+    sizes = [torch.zeros((), dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(local.shape[0], device=local.device))
+    longest = int(max(sizes))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(device)
 
 
-class ShardSampler(Sampler[int]):
-    """Evaluation sharding without padding: rank r reads samples r, r+W, ... (exact metric sums)."""
-
-    def __init__(self, size: int, rank: int = 0, world: int = 1) -> None:
-        self.indices = list(range(rank, size, world))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order (e.g. detections for COCO evaluation)."""
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object) -> object:
@@ -102,9 +87,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm statistics) to every rank: each rank's last training step
-    updated its own, and what is evaluated must be the model rank 0 saves."""
+def broadcast_tensors(tensors: list[Tensor]) -> None:
+    """Copy rank 0's values of `tensors` (BatchNorm statistics) to every rank, in place."""
     if is_distributed():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src=0)
+        for tensor in tensors:
+            if tensor.device == _comm_device():
+                dist.broadcast(tensor, src=0)
+            else:
+                moved = tensor.to(_comm_device())
+                dist.broadcast(moved, src=0)
+                tensor.copy_(moved)

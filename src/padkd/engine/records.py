@@ -1,37 +1,30 @@
-"""Per-sample records: for every sample of a split, each term's discrepancy, effective weight and
-learned log σ² (PAD), beside the teacher's and the student's prediction. Written as CSV."""
+"""Per-sample records: for every sample of a split, each term's discrepancy, relative weight and the
+weighting's own columns (PAD: learned log σ² and 1/σ²), beside the task's columns (for classification
+the teacher's and the student's predictions). Written as CSV."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
+from padkd.batch import Batch
 from padkd.distiller import Distiller
-from padkd.methods.base import Batch
+from padkd.tasks.base import Task
 
 
 @torch.no_grad()
-def collect(distiller: Distiller, loader: DataLoader, device: torch.device) -> dict[str, torch.Tensor]:
+def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
     """Run the distiller in eval mode over `loader`; one column per quantity, rows sorted by index."""
     was_training = distiller.training
     distiller.eval()
     columns: dict[str, list[torch.Tensor]] = {}
     try:
-        for x, y, idx in loader:
-            batch = Batch(x.to(device), y.to(device), idx.to(device))
+        for batch in loader:
             out = distiller(batch)
-            s_prob = out.student.float().softmax(1)
-            row = {"index": idx, "target": y, "student_pred": s_prob.argmax(1),
-                   "student_correct": (s_prob.argmax(1) == batch.targets).int(),
-                   "student_confidence": s_prob.max(1).values}
-            if out.teacher is not None:
-                t_prob = out.teacher.float().softmax(1)
-                row |= {"teacher_pred": t_prob.argmax(1), "teacher_correct": (t_prob.argmax(1) == batch.targets).int(),
-                        "teacher_confidence": t_prob.max(1).values,
-                        "teacher_true_prob": t_prob.gather(1, batch.targets[:, None]).squeeze(1)}
+            row = {"index": batch.index} | task.record_columns(out.student, out.teacher, batch)
             for term, rec in out.records.items():
                 row |= {f"{term}.{key}": value for key, value in rec.items()}
             for key, value in row.items():

@@ -1,13 +1,14 @@
 """The training loop: stages of epochs over a Distiller, evaluation every epoch, checkpoints,
 resume (also mid-epoch), per-sample records and a final test evaluation.
 
-One loop serves plain training (no teacher), single-term distillation and multi-stage recipes:
-a stage is a fresh Distiller (new terms, e.g. a new PAD head) + a fresh optimizer over the same student.
+One loop serves plain training (no teacher), single-term distillation and multi-stage recipes: a
+stage is a fresh Distiller (new terms, e.g. a new PAD head) and a fresh `StageRun` (optimizer, scaler)
+over the same student. The loop never names a task, a metric or a method: the task says how models are
+called and evaluated, the distiller what is distilled.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -23,22 +24,23 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from padkd.build import build_data, build_distiller, build_model, resolve_device
-from padkd.config import Config, SchedulerConfig, StageConfig, dump_config
-from padkd.data import DataSplits
+from padkd.build import build_data, build_distiller, build_model, build_task, resolve_device
+from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
 from padkd.engine import checkpoint as ckpt
 from padkd.engine import distributed as ddp
 from padkd.engine import records
+from padkd.engine.evaluate import evaluate
+from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
 from padkd.engine.logging import MetricsLog, progress_bar, show_progress
+from padkd.engine.stage import StageRun
 from padkd.errors import NonFiniteLossError, PadkdError
-from padkd.methods.base import Batch
-from padkd.tasks import Classification
 
 log = logging.getLogger(__name__)
+
+#: Epoch keys of the training sampler: stage index × this + epoch, so every (stage, epoch) has its own order.
+EPOCH_KEY_STRIDE = 100_000
 
 
 class Interrupted(PadkdError):
@@ -54,45 +56,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def lr_factor(s: SchedulerConfig, epoch: float, epochs: int, base_lr: float) -> float:
-    """Multiplier of the base LR at fractional `epoch` (linear warm-up, then the schedule)."""
-    if s.warmup_epochs > 0 and epoch < s.warmup_epochs:
-        return (epoch + 1e-3) / s.warmup_epochs
-    if s.name == "multistep":
-        return s.gamma ** sum(epoch >= m for m in s.milestones)
-    if s.name == "cosine":
-        span = max(epochs - s.warmup_epochs, 1e-9)
-        progress = min(max((epoch - s.warmup_epochs) / span, 0.0), 1.0)
-        floor = s.min_lr / base_lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0
-
-
-def build_optimizer(stage: StageConfig, distiller: Distiller) -> torch.optim.Optimizer:
-    """One parameter group for the student, one per term (its modules at `lr × term.lr_scale`)."""
-    o = stage.optimizer
-    groups = [{"params": [p for p in distiller.student.parameters() if p.requires_grad], "lr_scale": 1.0}]
-    for term, term_cfg in zip(distiller.terms, stage.terms, strict=True):
-        params = [p for p in term.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr_scale": term_cfg.lr_scale})
-    for group in groups:
-        group["lr"] = o.lr * group["lr_scale"]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-
 @dataclass
 class Progress:
-    """Where a run stands: stage index, epochs completed in it, batches done in the current epoch."""
+    """Where a run stands: stage index, epochs completed in it, micro-batches done in the current epoch,
+    optimizer steps so far, and the best validation value of the task's primary metric with its
+    (stage, epoch)."""
 
     stage: int = 0
     epoch: int = 0
     batch: int = 0
     global_step: int = 0
-    best_metric: float = -math.inf
+    best_metric: float | None = None
     best_at: list[int] = field(default_factory=lambda: [-1, -1])
 
 
@@ -103,6 +77,32 @@ class RunResult:
 
 
 StepCallback = Callable[["Trainer", int], None]
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, which loss first became non-finite and at which step: no host sync per step."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.first: Tensor | None = None
+        self.step: Tensor | None = None
+
+    def update(self, losses: dict[str, Tensor], step: int) -> None:
+        self.names = list(losses)
+        bad = torch.stack([~torch.isfinite(v) for v in losses.values()])
+        if self.first is None or self.step is None:
+            self.first = bad
+            self.step = torch.where(bad.any(), step, -1)
+            return
+        fresh = ~self.first.any() & bad.any()
+        self.step = torch.where(fresh, step, self.step)
+        self.first = torch.where(self.first.any(), self.first, bad)
+
+    def bad(self) -> tuple[str, int] | None:
+        """(loss name, first bad step) once a loss was non-finite (one host sync)."""
+        if self.first is None or self.step is None or not bool(self.first.any()):
+            return None
+        return self.names[int(self.first.float().argmax())], int(self.step)
 
 
 class Trainer:
@@ -121,7 +121,8 @@ class Trainer:
         self.rank, self.world = ddp.init_from_env(self.device)
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
-        self.task = Classification(cfg.task.label_smoothing)
+        self.task = build_task(cfg.task)
+        self.progress = Progress()
         self._stop_requested = False
 
     # ------------------------------------------------------------------ set-up
@@ -157,94 +158,71 @@ class Trainer:
             log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
         return None
 
-    def _plain_loader(self, dataset: Any, batch_size: int) -> DataLoader:
-        """Unsharded, unshuffled loader with a private generator (never draws on the global RNG)."""
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+    def _loader(self, split: str, train: bool) -> DeviceLoader:
+        return make_loader(self.cfg, self.data, split, train=train, collate=self.task.collate, device=self.device,
+                           rank=self.rank, world=self.world)
 
-    def loader(self, data: DataSplits, split: str, train: bool) -> DataLoader:
-        """Training loader (seeded, sharded, resumable sampler) or evaluation loader (exact shards)."""
-        dataset = data.split(split)
-        dc = self.cfg.data
-        if train:
-            sampler: Any = ddp.EpochSampler(len(dataset), shuffle=True, seed=self.cfg.seed, rank=self.rank,
-                                            world=self.world)
-            batch_size = dc.batch_size
-        else:
-            sampler = ddp.ShardSampler(len(dataset), self.rank, self.world)
-            batch_size = dc.eval_batch_size or dc.batch_size
-        # A private generator: starting an epoch's iterator must not draw on the global RNG, or a run
-        # resumed mid-epoch (one more iterator) would continue with another random stream.
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                          num_workers=dc.num_workers, pin_memory=self.device.type == "cuda",
-                          persistent_workers=dc.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
-
-    def _batch(self, items: tuple[Tensor, Tensor, Tensor]) -> Batch:
-        x, y, idx = items
-        nb = self.device.type == "cuda"
-        return Batch(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
-                     idx.to(self.device, non_blocking=nb))
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Top-1/top-5/loss of `model` on a loader, summed over ranks."""
-        was_training = model.training
-        model.eval()
-        sums: dict[str, Tensor] = {}
-        for items in loader:
-            batch = self._batch(items)
-            for key, value in self.task.batch_counts(model(batch.inputs), batch).items():
-                sums[key] = sums.get(key, 0) + value
-        model.train(was_training)
-        return self.task.finalize(ddp.all_reduce_sum(sums))
+    def _build_models(self) -> tuple[nn.Module, nn.Module | None]:
+        """Student and teacher on the device, in the configured memory layout, compiled in place if asked
+        (in place keeps state_dict keys, so checkpoints are the same with compile on or off)."""
+        cfg = self.cfg
+        teacher = build_model(cfg.teacher, self.data, self.task, "teacher").to(self.device) if cfg.teacher else None
+        student = build_model(cfg.student, self.data, self.task, "student").to(self.device)
+        for model in (student, teacher):
+            if model is None:
+                continue
+            if cfg.engine.channels_last:
+                model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            if cfg.engine.compile:
+                model.compile()
+        return student, teacher
 
     # ------------------------------------------------------------------ main entry
     def run(self) -> RunResult:
         cfg = self.cfg
         state = self._resume_state()
         seed_everything(cfg.seed, cfg.deterministic)
-        data = build_data(cfg)
-        teacher = build_model(cfg.teacher, data, "teacher").to(self.device) if cfg.teacher else None
-        student = build_model(cfg.student, data, "student").to(self.device)
-        progress = Progress()
+        self.data = build_data(cfg)
+        for split in cfg.records.splits:
+            if split == "val" and self.data.val is None:
+                raise PadkdError(f"records.splits: data set '{cfg.data.name}' has no 'val' split; record 'test' "
+                                 "or 'train'")
+        student, teacher = self._build_models()
+        self.student = student
         if state is not None:
             ckpt.load_state_strict(student, state["student"], "checkpoints/last.pt")
-            progress = Progress(**state["progress"])
+            self.progress = Progress(**state["progress"])
         if self.main:  # written once set-up has succeeded, so a failed start leaves the directory reusable
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         ddp.barrier()
-        metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
+        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
         if state is not None:
-            metrics.keep_until(progress.stage, progress.epoch)
-        loaders = {s: self.loader(data, s, train=False) for s in ("val", "test")}
-        train_loader = self.loader(data, "train", train=True)
-        if len(train_loader) == 0:
+            self.metrics.keep_until(self.progress.stage, self.progress.epoch)
+        self.eval_loaders = {s: self._loader(s, train=False) for s in ("val", "test")
+                             if s != "val" or self.data.val is not None}
+        self.train_loader = self._loader("train", train=True)
+        if len(self.train_loader) == 0:
             raise PadkdError(f"data.batch_size {cfg.data.batch_size} is larger than the training split "
-                             f"({len(data.train)} samples per rank); lower data.batch_size")
+                             f"({len(self.data.train)} samples per rank); lower data.batch_size")
         if teacher is not None and state is None:
-            t_metrics = {s: self.evaluate(teacher, loaders[s]) for s in ("val", "test") if s == "val" or cfg.eval_test}
-            metrics.event({"event": "teacher", **t_metrics})
+            splits = [s for s in self.eval_loaders if s == "val" or cfg.eval_test]
+            self.metrics.event({"event": "teacher", **{s: evaluate(self.task, teacher, self.eval_loaders[s])
+                                                       for s in splits}})
         restore_signals = self._install_signals()
-        carried: dict[str, tuple[str, dict[str, Tensor]]] = {}  # term name → (signature, method state)
+        previous: Distiller | None = None
         try:
             for index, stage in enumerate(cfg.stages):
-                if index < progress.stage:
+                if index < self.progress.stage:
                     continue
-                carry = {name: carried[name][1] for name, term in zip(cfg.term_names(stage), stage.terms, strict=True)
-                         if term.carry and name in carried and carried[name][0] == term.signature()}
-                distiller = self._run_stage(index, stage, student, teacher, data, train_loader, loaders,
-                                            progress, metrics, state if index == progress.stage else None, carry)
-                carried = {t.name: (term.signature(), t.method.state_dict())
-                           for term, t in zip(stage.terms, distiller.terms, strict=True)}
+                previous = self._run_stage(index, stage, student, teacher,
+                                           state if index == self.progress.stage else None, previous)
                 state = None
-                progress.stage, progress.epoch, progress.batch = index + 1, 0, 0
-            final = self._finish(student, loaders, progress, metrics)
+                self.progress.stage, self.progress.epoch, self.progress.batch = index + 1, 0, 0
+            final = self._finish(student)
         finally:
             restore_signals()
-            metrics.close()
+            self.metrics.close()
         return RunResult(self.run_dir, final)
 
     def _install_signals(self) -> Callable[[], None]:
@@ -274,173 +252,157 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, index: int, stage: StageConfig, student: nn.Module, teacher: nn.Module | None,
-                   data: DataSplits, train_loader: DataLoader, loaders: dict[str, DataLoader],
-                   progress: Progress, metrics: MetricsLog, state: dict[str, Any] | None,
-                   carry: dict[str, dict[str, Tensor]]) -> Distiller:
-        """Train one stage (from `state` when resuming) and return its distiller."""
-        cfg = self.cfg
+                   state: dict[str, Any] | None, previous: Distiller | None) -> Distiller:
+        """Train one stage (from `state` when resuming) and return its distiller (the next stage's `previous`)."""
+        cfg, progress = self.cfg, self.progress
         where = f"stages[{index}]"
         distiller = build_distiller(cfg, stage, student, teacher, self.task, where).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            example = next(iter(self._plain_loader(data.train, cfg.data.batch_size)))
-            distiller.prepare(self._batch(example), carry)
-        optimizer = build_optimizer(stage, distiller)
-        meters: dict[str, Tensor] = {}
+            example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
+            distiller.prepare(example, self.data.info(), self.world, previous)
+        try:
+            run = StageRun(stage, distiller, cfg.engine, self.device, self.world)
+        except ValueError as err:
+            raise PadkdError(f"{where}: {err}") from None
         if state is not None:
-            ckpt.load_state_strict(distiller.terms, state["aux"], "checkpoints/last.pt (distillation terms)")
-            optimizer.load_state_dict(state["optimizer"])
-            meters = {k: v.to(self.device) for k, v in state.get("meters", {}).items()}
+            run.load_state_dict(state, "checkpoints/last.pt")
             ckpt.set_rng_state(state["rng"])
-        model: nn.Module = distiller
-        if self.world > 1:
-            model = DistributedDataParallel(distiller, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None, find_unused_parameters=False)
-        steps_per_epoch = len(train_loader)
+        steps_per_epoch = len(self.train_loader)
         bar = progress_bar(stage.epochs * steps_per_epoch, f"{stage.name}", self.main and not self.quiet
                            and show_progress(cfg.log.progress), initial=progress.epoch * steps_per_epoch
                            + progress.batch)
         try:
             while progress.epoch < stage.epochs:
                 t0 = time.perf_counter()
-                done = self._train_epoch(index, stage, model, distiller, optimizer, train_loader, progress, meters,
-                                         metrics, bar)
-                if not done:
-                    self._save(distiller, optimizer, progress, meters, "last")
+                if not self._train_epoch(index, run, bar):
+                    self._save(run, "last")
                     raise Interrupted(f"interrupted at stage '{stage.name}' epoch {progress.epoch + 1} batch "
                                       f"{progress.batch}; checkpoint saved to {self.run_dir}/checkpoints/last.pt; "
                                       "continue with the same command plus --resume")
-                self._end_epoch(index, stage, student, distiller, optimizer, loaders, progress, meters, metrics,
-                                time.perf_counter() - t0, steps_per_epoch)
-                meters = {}
+                self._end_epoch(index, run, time.perf_counter() - t0, steps_per_epoch)
         finally:
             bar.close()
         if self.main and distiller.terms:  # rank 0 alone reads every sample of the split
             for split in cfg.records.splits:
-                loader = self._plain_loader(data.split(split), cfg.data.eval_batch_size or cfg.data.batch_size)
-                table = records.collect(distiller, loader, self.device)
+                loader = make_loader(cfg, self.data, split, train=False, collate=self.task.collate,
+                                     device=self.device)
+                table = records.collect(distiller, self.task, loader)
                 records.write_csv(table, self.run_dir / "records" / f"{index}-{stage.name}-{split}.csv")
         ddp.barrier()
+        distiller.close()
         return distiller
 
-    def _train_epoch(self, index: int, stage: StageConfig, model: nn.Module, distiller: Distiller,
-                     optimizer: torch.optim.Optimizer, loader: DataLoader, progress: Progress,
-                     meters: dict[str, Tensor], metrics: MetricsLog, bar: Any) -> bool:
-        """One epoch from `progress.batch`; False when stopped on request (after a finished step)."""
-        cfg = self.cfg
-        sampler = loader.sampler
-        assert isinstance(sampler, ddp.EpochSampler)
-        sampler.set_epoch(index * 100_000 + progress.epoch, start=progress.batch * cfg.data.batch_size)
+    def _train_epoch(self, index: int, run: StageRun, bar: Any) -> bool:
+        """One epoch from `progress.batch`; False when stopped on request (after a finished optimizer step)."""
+        cfg, progress, stage = self.cfg, self.progress, run.stage
+        loader = self.train_loader
+        loader.sampler.set_epoch(index * EPOCH_KEY_STRIDE + progress.epoch, start=progress.batch * cfg.data.batch_size)
         steps_per_epoch = len(loader) + progress.batch
-        distiller.train()
-        first_bad: Tensor | None = None
-        names: list[str] = []
+        run.distiller.train()
+        watch = _NonFiniteWatch()
         t_last, n_last = time.perf_counter(), 0
-        for items in loader:
-            if self._stop_requested:
-                self._check_finite(first_bad, names, stage, progress)  # never save non-finite weights
+        for batch in loader:
+            if self._stop_requested and run.pending == 0:
+                self._raise_if_non_finite(watch, stage)  # never save non-finite weights
                 return False
-            epoch_f = progress.epoch + progress.batch / steps_per_epoch
-            lr = stage.optimizer.lr * lr_factor(stage.scheduler, epoch_f, stage.epochs, stage.optimizer.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            batch = self._batch(items)
-            out = model(batch)
-            total = out.total
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            lr = run.set_lr(progress.epoch + progress.batch / steps_per_epoch)
+            losses = run.step(batch, progress.epoch)
             progress.batch += 1
-            progress.global_step += 1
             n_last += len(batch)
-            losses = {k: v.detach().float() for k, v in out.losses.items()} | {"total": total.detach().float()}
-            names = list(losses)
-            # The first step with a non-finite loss, kept on the device: no host sync per step.
-            bad = torch.stack([~torch.isfinite(v) for v in losses.values()])
-            first_bad = bad if first_bad is None else torch.where(first_bad.any(), first_bad, bad)
-            for key, value in losses.items():
-                meters[key] = meters.get(key, torch.zeros((), device=self.device)) + value
-            meters["steps"] = meters.get("steps", torch.zeros((), device=self.device)) + 1
-            for callback in self.callbacks:
-                callback(self, progress.global_step)
-            if progress.global_step % cfg.log.interval == 0 or progress.batch == steps_per_epoch:
-                self._check_finite(first_bad, names, stage, progress)
-                now = time.perf_counter()
-                rate = n_last / max(now - t_last, 1e-9) * self.world
-                t_last, n_last = now, 0
-                step_losses = {f"step/{k}": float(v) for k, v in losses.items()}
-                metrics.scalars(step_losses | {"step/lr": lr, "step/samples_per_s": rate}, progress.global_step)
-                bar.set_postfix(loss=f"{float(losses['total']):.4f}", lr=f"{lr:.3g}", samples_s=f"{rate:.0f}")
+            watch.update(losses, progress.global_step + 1)
+            if run.pending == 0 and self._after_optimizer_step(watch, stage, losses, lr, n_last / (
+                    time.perf_counter() - t_last + 1e-9), progress.batch == steps_per_epoch):
+                t_last, n_last = time.perf_counter(), 0
             bar.update(1)
+        if run.flush():
+            self._after_optimizer_step(watch, stage, losses, lr, n_last / (time.perf_counter() - t_last + 1e-9), True)
+        self._raise_if_non_finite(watch, stage)
         return True
 
-    def _check_finite(self, first_bad: Tensor | None, names: list[str], stage: StageConfig,
-                      progress: Progress) -> None:
-        if first_bad is not None and bool(first_bad.any()):
-            term = names[int(first_bad.float().argmax())]
-            raise NonFiniteLossError(
-                f"loss '{term}' became NaN/inf in stage '{stage.name}' by global step {progress.global_step}; "
-                f"the last good checkpoint is kept in {self.run_dir}/checkpoints; lower the learning rate "
-                f"or the term's weight (and consider PAD's log_var_floor or warmup_steps)"
-            )
+    def _after_optimizer_step(self, watch: _NonFiniteWatch, stage: StageConfig, losses: dict[str, Tensor],
+                              lr: float, rate: float, epoch_end: bool) -> bool:
+        """Count the step, run the callbacks and, at log intervals, check for NaN and log; True if logged."""
+        progress = self.progress
+        progress.global_step += 1
+        for callback in self.callbacks:
+            callback(self, progress.global_step)
+        if progress.global_step % self.cfg.log.interval != 0 and not epoch_end:
+            return False
+        self._raise_if_non_finite(watch, stage)
+        step_losses = {f"step/{k}": float(v) for k, v in losses.items()}
+        self.metrics.scalars(step_losses | {"step/lr": lr, "step/samples_per_s": rate * self.world},
+                             progress.global_step)
+        return True
 
-    def _end_epoch(self, index: int, stage: StageConfig, student: nn.Module, distiller: Distiller,
-                   optimizer: torch.optim.Optimizer, loaders: dict[str, DataLoader], progress: Progress,
-                   meters: dict[str, Tensor], metrics: MetricsLog, seconds: float, steps_per_epoch: int) -> None:
-        meters = ddp.all_reduce_sum(meters)
+    def _raise_if_non_finite(self, watch: _NonFiniteWatch, stage: StageConfig) -> None:
+        found = watch.bad()
+        if found is None:
+            return
+        name, step = found
+        kept = (f"the last good checkpoint is kept in {self.run_dir}/checkpoints"
+                if (self.run_dir / "checkpoints" / "last.pt").exists() else "no checkpoint was written yet")
+        raise NonFiniteLossError(
+            f"loss '{name}' became NaN/inf in stage '{stage.name}' at global step {step}; {kept}; lower the "
+            "learning rate or the term's weight (and consider PAD's log_var_floor or warmup_steps), then train "
+            "again in a new output_dir"
+        )
+
+    def _improved(self, value: float) -> bool:
+        best = self.progress.best_metric
+        if not math.isfinite(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.task.higher_is_better else value < best
+
+    def _end_epoch(self, index: int, run: StageRun, seconds: float, steps_per_epoch: int) -> None:
+        progress, stage = self.progress, run.stage
+        meters = ddp.all_reduce_sum(run.take_meters())
         steps = max(float(meters.pop("steps", torch.ones(()))), 1.0)
         train = {k: float(v) / steps for k, v in meters.items()}
-        ddp.broadcast_buffers(distiller)
-        val = self.evaluate(student, loaders["val"])
+        ddp.broadcast_tensors(run.distiller.synced_buffers())
+        val = evaluate(self.task, self.student, self.eval_loaders["val"]) if "val" in self.eval_loaders else None
         progress.epoch += 1
         progress.batch = 0
-        improved = val[self.task.primary_metric] > progress.best_metric
+        improved = val is not None and self._improved(val[self.task.primary_metric])
         if improved:
+            assert val is not None
             progress.best_metric = val[self.task.primary_metric]
             progress.best_at = [index, progress.epoch]
-        self._save(distiller, optimizer, progress, {}, "last")
+        self._save(run, "last")
         if improved:
-            self._save(distiller, optimizer, progress, {}, "best")
+            self._save(run, "best")
         samples = steps_per_epoch * self.cfg.data.batch_size * self.world
         record = {"event": "epoch", "stage": index, "stage_name": stage.name, "epoch": progress.epoch,
-                  "global_step": progress.global_step,
-                  "lr": optimizer.param_groups[0]["lr"], "train": train, "val": val,
-                  "time_s": round(seconds, 3), "samples_per_s": round(samples / max(seconds, 1e-9), 1)}
-        metrics.event(record, step=progress.global_step)
+                  "global_step": progress.global_step, "lr": run.optimizer.param_groups[0]["lr"], "train": train,
+                  "val": val, "time_s": round(seconds, 3), "samples_per_s": round(samples / max(seconds, 1e-9), 1)}
+        self.metrics.event(record, step=progress.global_step)
         if not self.quiet and self.main:
             terms = " ".join(f"{k}={v:.4f}" for k, v in train.items())
-            print(f"[{stage.name}] epoch {progress.epoch}/{stage.epochs} {terms} val_top1={val['top1']:.2f}",
-                  flush=True)
+            shown = f" val {self.task.summary(val)}" if val is not None else ""
+            print(f"[{stage.name}] epoch {progress.epoch}/{stage.epochs} {terms}{shown}", flush=True)
 
-    def _save(self, distiller: Distiller, optimizer: torch.optim.Optimizer, progress: Progress,
-              meters: dict[str, Tensor], name: str) -> None:
+    def _save(self, run: StageRun, name: str) -> None:
         if not self.main:
             return
-        state = {
-            "format": ckpt.FORMAT,
-            "version": ckpt.VERSION,
-            "kind": "run",
-            "model": ckpt.model_spec(self.cfg.student.model),
-            "student": distiller.student.state_dict(),
-            "aux": distiller.aux_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "progress": vars(progress).copy(),
-            "meters": {k: v.detach().cpu() for k, v in meters.items()},
-            "rng": ckpt.rng_state(),
-        }
+        state = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "run",
+                 "model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
+                 **run.state_dict(), "progress": vars(self.progress).copy(), "rng": ckpt.rng_state()}
         ckpt.atomic_save(state, self.run_dir / "checkpoints" / f"{name}.pt")
 
-    def _finish(self, student: nn.Module, loaders: dict[str, DataLoader], progress: Progress,
-                metrics: MetricsLog) -> dict[str, Any]:
-        final: dict[str, Any] = {"best_stage_epoch": progress.best_at, "best_val_top1": progress.best_metric}
+    def _finish(self, student: nn.Module) -> dict[str, Any]:
+        progress = self.progress
+        final: dict[str, Any] = {"primary_metric": self.task.primary_metric, "best_val": progress.best_metric,
+                                 "best_stage_epoch": progress.best_at}
         split = "test" if self.cfg.eval_test else "val"
         final["split"] = split
-        final["last"] = self.evaluate(student, loaders[split])
-        best_path = self.run_dir / "checkpoints" / "best.pt"
-        if best_path.exists():
-            best = copy.deepcopy(student)  # same architecture; weights replaced below
-            ckpt.load_state_strict(best, ckpt.load(best_path)["student"], str(best_path))
-            final["best"] = self.evaluate(best, loaders[split])
-        metrics.event({"event": "final", **final})
+        if split in self.eval_loaders:
+            final["last"] = evaluate(self.task, student, self.eval_loaders[split])
+            best_path = self.run_dir / "checkpoints" / "best.pt"
+            if best_path.exists():  # the student is done training: evaluate the best weights in it
+                ckpt.load_state_strict(student, ckpt.load(best_path)["student"], str(best_path))
+                final["best"] = evaluate(self.task, student, self.eval_loaders[split])
+        self.metrics.event({"event": "final", **final})
         if self.main:
             (self.run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
         return final

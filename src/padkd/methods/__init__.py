@@ -1,7 +1,7 @@
 """What knowledge is matched: each method maps student/teacher tensors to per-sample discrepancies."""
 
-from padkd.methods.base import METHODS, Batch, Method
+from padkd.methods.base import METHODS, Method
 from padkd.methods.features import FitNet, Hint
 from padkd.methods.logits import KD
 
-__all__ = ["METHODS", "Batch", "Method", "KD", "Hint", "FitNet"]
+__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet"]

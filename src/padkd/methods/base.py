@@ -1,44 +1,70 @@
-"""The method contract: `forward(student, teacher, batch)` → per-sample discrepancies `[B]` or `[B, E]`."""
+"""The method contract: `forward(student, teacher, batch)` → per-sample discrepancies `[B]` or `[B, E]`.
+
+What every registered method must satisfy (checked for all of them, plugins included, by
+`tests/test_contract.py`):
+- dim 0 is the sample (the weighting unit); values are >= 0. A method whose loss has a part that
+  can be negative or that no sample owns (VID's `log σ²_c`) declares `signed = True` and returns that
+  part as `Discrepancy.unweighted`, which is added after the weighting;
+- gradients reach the student and the method's own modules, never the teacher;
+- in eval mode no state changes (memory banks, running statistics);
+- permuting the batch permutes the rows (relational methods: rows and, for `[B, B]`, columns);
+- fp16/bf16 features work (reductions in fp32); batch sizes 1 and 2 work or fail with a clear message.
+
+Each method also says what its elements are (`elements`) and whether it decomposes per sample at all
+(`unit`); weightings refuse what they cannot weight at config check (`Weighting.check`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
+from padkd.batch import Batch
+from padkd.context import BuildContext, Features
 from padkd.discrepancy import Discrepancy
 from padkd.registry import Registry
 
 METHODS: Registry[Method] = Registry("method")
 
-#: A tapped feature, or a list of them for methods that read several layers.
-Features = Tensor | list[Tensor]
-
-
-@dataclass
-class Batch:
-    """One mini-batch: model `inputs`, task `targets` and the samples' dataset `index` (for
-    per-sample records and memory-bank methods)."""
-
-    inputs: Any
-    targets: Any
-    index: Tensor
-
-    def __len__(self) -> int:
-        return len(self.index)
-
 
 class Method(nn.Module):
     """Base class of distillation methods. Subclasses never reduce over the batch dimension.
 
-    `build(student, teacher)` creates shape-dependent modules (connectors, regressors) from an
-    example batch before the optimizer exists; their parameters train with the student and are
-    dropped on export.
+    `build(ctx)` creates modules whose shapes depend on the tapped features or on the data
+    (connectors, regressors, memory banks) before the optimizer exists; their parameters train with
+    the student, are checkpointed, and are dropped on export.
     """
 
-    def build(self, student: Features, teacher: Features) -> None:
-        """Create modules whose shapes depend on the tapped features (default: none)."""
+    #: "fixed": element e means the same thing in every batch (a feature dimension, a layer, a part);
+    #: "exchangeable": elements are partners such as row j of a pairwise loss, and E follows the batch.
+    #: PAD's `per_element` mode needs fixed elements.
+    elements: Literal["fixed", "exchangeable"] = "fixed"
+    #: "sample": the discrepancy decomposes per sample; "batch": only its batch mean means anything
+    #: (a per-class statistic, for example), so only the `uniform` weighting accepts it.
+    unit: Literal["sample", "batch"] = "sample"
+    #: True when the method returns an unweighted part (`Discrepancy.unweighted`) beside d >= 0.
+    signed: bool = False
+    #: Epochs over which the term's weight ramps up linearly (DKD's warm-up); 0 for none.
+    warmup_epochs: float = 0.0
+    #: False for rank-local state that the method keeps consistent itself (a memory bank updated
+    #: from all ranks): the engine then never broadcasts this method's buffers.
+    sync_buffers: bool = True
+    #: True when some forwards leave some of the method's parameters unused (DDP must know).
+    unused_parameters: bool = False
+    #: True when the discrepancies are random given the inputs (sampled negatives): the contract test
+    #: then checks batch permutation on distributions of rows, not on values.
+    stochastic: bool = False
+
+    @classmethod
+    def example_features(cls, batch_size: int, generator: torch.Generator) -> tuple[Features, Features]:
+        """Student and teacher features of the kind this method reads (default: 10-way logits), so the
+        registry-wide contract test can exercise every method, plugins included."""
+        return (torch.randn(batch_size, 10, generator=generator), torch.randn(batch_size, 10, generator=generator))
+
+    def build(self, ctx: BuildContext) -> None:
+        """Create modules whose shapes depend on the features or the data (default: none)."""
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor | Discrepancy:
         raise NotImplementedError

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from padkd.methods.base import METHODS, Batch, Method
-
-
-def pool(x: Tensor) -> Tensor:
-    """Global average pool a feature map `[B, C, ...]` to `[B, C]`; `[B, D]` passes through."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+from padkd.batch import Batch
+from padkd.context import BuildContext
+from padkd.methods.base import METHODS, Method
+from padkd.ops import pool
 
 
 @METHODS.register("hint")
@@ -28,8 +27,8 @@ class Hint(Method):
         self.connector_kind = connector
         self.connector: nn.Module = nn.Identity()
 
-    def build(self, student: Tensor, teacher: Tensor) -> None:  # type: ignore[override]
-        ds, dt = pool(student).shape[1], pool(teacher).shape[1]
+    def build(self, ctx: BuildContext) -> None:
+        ds, dt = pool(ctx.student).shape[1], pool(ctx.teacher).shape[1]
         if self.connector_kind == "linear" or (self.connector_kind == "auto" and ds != dt):
             self.connector = nn.Linear(ds, dt)
         elif ds != dt:
@@ -54,7 +53,13 @@ class FitNet(Method):
         self.batchnorm = batchnorm
         self.regressor: nn.Module = nn.Identity()
 
-    def build(self, student: Tensor, teacher: Tensor) -> None:  # type: ignore[override]
+    @classmethod
+    def example_features(cls, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return (torch.randn(batch_size, 4, 6, 6, generator=generator),
+                torch.randn(batch_size, 8, 3, 3, generator=generator))
+
+    def build(self, ctx: BuildContext) -> None:
+        student, teacher = ctx.student, ctx.teacher
         if student.dim() != 4 or teacher.dim() != 4:
             raise ValueError(
                 f"fitnet needs feature maps [B, C, H, W], got student {tuple(student.shape)} and "

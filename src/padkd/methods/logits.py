@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn import functional as F
 
-from padkd.methods.base import METHODS, Batch, Method
+from padkd.batch import Batch
+from padkd.methods.base import METHODS, Method
 
 
 @METHODS.register("kd")

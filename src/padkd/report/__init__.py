@@ -190,9 +190,9 @@ def _data_options(run_dir: Path, dataset: str) -> dict[str, Any]:
     return data.options if data.name == dataset else {}
 
 
-def _display(image: Any, mean: float, std: float) -> np.ndarray:
+def _display(image: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """A normalised `[C, H, W]` tensor as a displayable `[H, W]` or `[H, W, 3]` array in input units."""
-    array = np.asarray(image, dtype=float) * std + mean
+    array = np.asarray(image, dtype=float) * np.asarray(std)[:, None, None] + np.asarray(mean)[:, None, None]
     if array.ndim == 3 and array.shape[0] == 1:
         return array[0]
     if array.ndim == 3 and array.shape[0] == 3:

@@ -1,0 +1,11 @@
+"""Tasks: how models are called, the task loss, evaluation over a whole split and per-sample records.
+
+A task is a registered component (`task: {name: classification, label_smoothing: 0.1}`), so the
+engine, the records and the CLI never name a task or a metric: classification, retrieval and
+detection differ only here.
+"""
+
+from padkd.tasks.base import TASKS, Evaluator, Task
+from padkd.tasks.classification import Classification
+
+__all__ = ["TASKS", "Task", "Evaluator", "Classification"]

@@ -1,0 +1,69 @@
+"""The task contract: the one place that knows how a model is called and what its output means."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from padkd.batch import Batch, stack_collate
+from padkd.data import DataSplits
+from padkd.registry import Registry
+
+TASKS: Registry[Task] = Registry("task")
+
+
+class Evaluator:
+    """Accumulates a split batch by batch (`update`), then `compute()` gives the metrics over the whole
+    split, gathered across ranks (so Recall@K and mAP, which need every sample, fit as well as accuracy)."""
+
+    def update(self, output: Any, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of tasks. Subclasses set `primary_metric` and implement `loss`, `evaluator` and
+    `record_columns`; the defaults call models as `model(batch.inputs)`."""
+
+    #: The evaluator metric that selects the best checkpoint.
+    primary_metric: str = ""
+    #: Whether a larger primary metric is better.
+    higher_is_better: bool = True
+    #: Keyword arguments a model factory receives from the task (filled in from the data), beside its options.
+    model_fields: frozenset[str] = frozenset({"in_channels"})
+    #: True when some forwards leave some model parameters unused (DDP must be told).
+    find_unused_parameters: bool = False
+    #: How dataset items `(input, target, index)` become a Batch.
+    collate: Callable[[list[Any]], Batch] = staticmethod(stack_collate)
+
+    def model_kwargs(self, data: DataSplits) -> dict[str, Any]:
+        """The `model_fields` values for this data set."""
+        return {"in_channels": data.in_channels}
+
+    def forward(self, model: nn.Module, batch: Batch, *, training: bool) -> Any:
+        """The student's (or an evaluated model's) output on `batch`."""
+        return model(batch.inputs)
+
+    def teacher_forward(self, teacher: nn.Module, batch: Batch, student_values: dict[str, Any]) -> Any:
+        """The teacher's output; runs under no_grad after the student, whose tapped values it may read
+        (a detector teacher can run its backbone only, or its ROI head on the student's proposals)."""
+        return teacher(batch.inputs)
+
+    def loss(self, output: Any, batch: Batch) -> Tensor:
+        """The task loss of the student's output (a scalar)."""
+        raise NotImplementedError
+
+    def evaluator(self) -> Evaluator:
+        raise NotImplementedError
+
+    def record_columns(self, student: Any, teacher: Any | None, batch: Batch) -> dict[str, Tensor]:
+        """Per-sample columns of the records (`[B]` each) from the evaluated outputs."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """A short text of the metrics for the per-epoch line."""
+        return f"{self.primary_metric}={metrics[self.primary_metric]:.4g}"

@@ -1,0 +1,63 @@
+"""Registry checks of a parsed config: every name and option of every stage, resolved before training.
+
+Kept apart from `config` (the schema) and `build` (the objects) so that neither imports the other
+through the back door: config → validate → registries, and build → config, validate, registries.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from padkd.data import DATASETS
+from padkd.data.samplers import SAMPLERS
+from padkd.errors import PadkdError
+from padkd.methods import METHODS
+from padkd.models import MODELS
+from padkd.registry import Registry, check_options, validate_options
+from padkd.tasks import TASKS, Task
+from padkd.weighting import WEIGHTINGS
+
+if TYPE_CHECKING:
+    from padkd.config import Component, Config
+
+#: Keyword arguments the engine passes to every sampler factory.
+SAMPLER_FIXED = frozenset({"size", "seed", "rank", "world", "batch_size", "targets"})
+
+
+def check_component(registry: Registry[Any], comp: Component, where: str,
+                    fixed: frozenset[str] = frozenset()) -> None:
+    """The name is registered and the options fit the factory's signature and types."""
+    factory = registry.get(comp.name, f"{where}.name")
+    also = frozenset(type(comp).model_fields) - {"name"}
+    check_options(factory, comp.options, where, set(fixed), also)
+    validate_options(factory, comp.options, where)
+
+
+def build_task(comp: Component) -> Task:
+    """The configured task object (cheap; also used by the engine)."""
+    return TASKS.build(comp.name, comp.options, "task")
+
+
+def check_components(cfg: Config) -> None:
+    """Resolve every registered name and option of every stage now, not when stage 2 starts: methods and
+    weightings are built once (cheap, no shapes yet) and each weighting checks that it can weight its method."""
+    check_component(DATASETS, cfg.data, "data")
+    check_component(SAMPLERS, cfg.data.sampler, "data.sampler", SAMPLER_FIXED)
+    task = build_task(cfg.task)
+    check_component(MODELS, cfg.student.model, "student.model", task.model_fields)
+    if cfg.teacher is not None:
+        check_component(MODELS, cfg.teacher.model, "teacher.model", task.model_fields)
+    for i, stage in enumerate(cfg.stages):
+        if stage.terms and cfg.teacher is None:
+            raise PadkdError(f"stages[{i}].terms: distillation terms need a teacher; add a 'teacher:' section")
+        for j, term in enumerate(stage.terms):
+            where = f"stages[{i}].terms[{j}]"
+            method = METHODS.build(term.method.name, term.method.options, f"{where}.method")
+            weighting = WEIGHTINGS.build(term.weighting.name, term.weighting.options, f"{where}.weighting")
+            try:
+                weighting.check(method)
+            except ValueError as err:
+                raise PadkdError(f"{where}.weighting: {err}") from None
+    for split in cfg.records.splits:
+        if split == "test" and not cfg.eval_test:
+            raise PadkdError("records.splits: 'test' needs eval_test: true")
