@@ -65,10 +65,11 @@ class TermConfig(Strict):
     weighting: Component = Field(default_factory=lambda: Component(name="uniform"))
     student: str | list[str] = "output"
     teacher: str | list[str] = "output"
-    weight: float = 1.0
+    #: The term's weight β; null: the method's default (its CRD-benchmark value, `padkd list methods`).
+    weight: float | None = None
     embedding: str | None = None
-    #: Start the method's modules (connector, regressor) from the previous stage's term of the same
-    #: name, method and taps; the weighting (e.g. a PAD head) is always new.
+    #: Start the method's modules (connector, regressor, paraphraser) from the previous stage's term of
+    #: the same name, method and taps; the weighting (e.g. a PAD head) is always new.
     carry: bool = True
     #: Learning-rate multiplier for this term's trainable modules (connector, PAD head): a PAD head
     #: trained at a small stage-2 LR for few steps barely leaves its initialisation (docs/pad.md).
@@ -78,8 +79,9 @@ class TermConfig(Strict):
     warmup_epochs: float | None = Field(None, ge=0)
 
     def signature(self) -> str:
-        """What must match for `carry`: the method with its options and both taps."""
-        return json.dumps([self.method.model_dump(), self.student, self.teacher], sort_keys=True)
+        """What must match for `carry`: the method's name and both taps (options may differ between
+        stages, e.g. FT's paraphraser-training stage and its transfer stage)."""
+        return json.dumps([self.method.name, self.student, self.teacher])
 
 
 class OptimizerConfig(Strict):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo, Features
 from padkd.discrepancy import Discrepancy
+from padkd.errors import PadkdError
 from padkd.methods.base import Method
 from padkd.taps import OUTPUT, Taps, default_embedding
 from padkd.tasks.base import Task
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 class Term(nn.Module):
     """One distillation term: `weight · ramp · weighting(method(student[tap], teacher[tap]))`.
 
-    `carry`: start the method's modules (a connector) from the previous stage's term of the same name
-    and `signature`. `lr_scale` multiplies the LR of the term's modules (0 freezes them).
+    `weight` defaults to the method's `default_weight`. `carry`: start the method's modules (a
+    connector) from the previous stage's term of the same name and `signature` (every tensor the previous
+    state holds is loaded; modules new in this stage keep their fresh initialisation). `lr_scale`
+    multiplies the LR of the term's modules (0 freezes them).
     `warmup_epochs` (default: the method's own, e.g. DKD's) ramps the weight linearly over epochs.
     """
 
@@ -42,7 +45,7 @@ class Term(nn.Module):
         weighting: Weighting | None = None,
         student: str | list[str] = OUTPUT,
         teacher: str | list[str] = OUTPUT,
-        weight: float = 1.0,
+        weight: float | None = None,
         embedding: str | None = None,
         carry: bool = True,
         lr_scale: float = 1.0,
@@ -58,7 +61,7 @@ class Term(nn.Module):
         self.weighting.check(method)
         self.student_tap = student
         self.teacher_tap = teacher
-        self.weight = weight
+        self.weight = method.default_weight if weight is None else weight
         self.embedding_tap = embedding
         self.carry = carry
         self.lr_scale = lr_scale
@@ -76,6 +79,18 @@ class Term(nn.Module):
         if not self.warmup_epochs or epoch is None:
             return 1.0
         return min(1.0, (epoch + 1) / self.warmup_epochs)
+
+
+def carry_state(method: Method, previous: dict[str, Tensor], term: str) -> None:
+    """Load every tensor of the previous stage's method state into `method` (shapes must agree);
+    tensors the previous stage did not have keep their fresh values."""
+    own = method.state_dict()
+    clash = [k for k in previous if k in own and own[k].shape != previous[k].shape]
+    if clash or not set(previous) <= set(own):
+        detail = f"shape of {clash[0]}" if clash else f"no {sorted(set(previous) - set(own))[0]}"
+        raise PadkdError(f"term '{term}': cannot carry the previous stage's modules ({detail}); "
+                         "set carry: false for this term")
+    method.load_state_dict(own | previous)
 
 
 def _gather(values: dict[str, Any], tap: str | list[str]) -> Features:
@@ -214,7 +229,7 @@ class Distiller(nn.Module):
                 term.method.to(device)
                 source = carried.get(term.name)
                 if term.carry and source is not None and source.signature == term.signature:
-                    term.method.load_state_dict(source.method.state_dict())
+                    carry_state(term.method, source.method.state_dict(), term.name)
                 d = Discrepancy.of(term.method(s, t, batch))
                 term.weighting.build(d, self._embedding(term, s_values), ctx)
                 term.weighting.to(device)
@@ -261,10 +276,11 @@ class Distiller(nn.Module):
         if student:
             groups.append({"params": student, "lr_scale": 1.0, "name": "student"})
         for term in self.terms:
-            params = list(term.parameters())
-            for p in params:
-                p.requires_grad_(term.lr_scale > 0)
-            if params and term.lr_scale > 0:
+            params = [p for p in term.parameters() if p.requires_grad]  # a method may freeze its own modules
+            if term.lr_scale == 0:
+                for p in params:
+                    p.requires_grad_(False)
+            elif params:
                 groups.append({"params": params, "lr_scale": term.lr_scale, "name": term.name})
         return groups
 

@@ -37,6 +37,10 @@ class Method(nn.Module):
     the student, are checkpointed, and are dropped on export.
     """
 
+    #: The paper the method comes from (shown by `padkd list methods`).
+    reference: str = ""
+    #: The term weight β used when a config gives none: the CRD benchmark's value for the method.
+    default_weight: float = 1.0
     #: "fixed": element e means the same thing in every batch (a feature dimension, a layer, a part);
     #: "exchangeable": elements are partners such as row j of a pairwise loss, and E follows the batch.
     #: PAD's `per_element` mode needs fixed elements.

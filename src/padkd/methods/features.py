@@ -22,6 +22,8 @@ class Hint(Method):
     A linear connector maps the student width to the teacher's when they differ (`connector="auto"`).
     """
 
+    reference = "Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015 (L2 on pooled embeddings)"
+
     def __init__(self, connector: Literal["auto", "linear", "none"] = "auto") -> None:
         super().__init__()
         self.connector_kind = connector
@@ -47,6 +49,9 @@ class FitNet(Method):
     spatial sizes differ both maps are average-pooled to the smaller height and width. With PAD, prefer
     `mode: per_sample` on large maps (a per-element head would predict C·H·W variances).
     """
+
+    reference = "Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015"
+    default_weight = 100.0  # β of the CRD benchmark (RepDistiller)
 
     def __init__(self, batchnorm: bool = True) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ class KD(Method):
     discrepancies equals `KLDivLoss(reduction="batchmean") · T²`.
     """
 
+    reference = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv 1503.02531, 2015"
+
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
         if temperature <= 0:
