@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from padkd.build import build_data, build_model
+from padkd.build import build_data, build_model, build_task
 from padkd.cli import main
 from padkd.config import Component, ModelRef, parse_config
 from padkd.engine import checkpoint as ckpt
@@ -187,15 +187,16 @@ def test_export_writes_the_student_alone(trained: dict[str, Any], tmp_path: Path
     assert code == 0, err
     assert "distillation-only tensors such as PAD heads left out" in out
     exported = torch.load(out_file, map_location="cpu", weights_only=True)
-    assert "aux" not in exported and "optimizer" not in exported and exported["kind"] == "export"
+    assert "terms" not in exported and "optimizer" not in exported and exported["kind"] == "export"
     assert exported["model"] == {"name": "cnn", "widths": [4, 8]}
     best = ckpt.load(run_dir / "checkpoints" / "best.pt")
     cfg = parse_config(trained["raw"])
-    model = build_model(cfg.student, build_data(cfg), "student")
+    task = build_task(cfg.task)
+    model = build_model(cfg.student, build_data(cfg), task, "student")
     assert list(exported["student"]) == list(model.state_dict())
     for key, value in exported["student"].items():
         assert torch.equal(value, best["student"][key])
-    fresh = build_model(ModelRef(model=Component(name="cnn", widths=[4, 8])), build_data(cfg), "student")
+    fresh = build_model(ModelRef(model=Component(name="cnn", widths=[4, 8])), build_data(cfg), task, "student")
     ckpt.load_model_weights(fresh, out_file, Component(name="cnn", widths=[4, 8]), "student")
     assert all(torch.equal(v, best["student"][k]) for k, v in fresh.state_dict().items())
     with pytest.raises(Exception, match="holds model"):

@@ -1,4 +1,4 @@
-"""Distiller: frozen teacher, taps, named losses, per-sample records, aux state, PAD end to end."""
+"""Distiller: frozen teacher, taps, named losses, per-sample records, terms' state, carry, PAD end to end."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from padkd.discrepancy import Discrepancy
+from padkd.batch import Batch
 from padkd.distiller import Distiller, Term
 from padkd.errors import PadkdError
-from padkd.methods import KD, Batch, FitNet, Hint
-from padkd.taps import Taps, last_linear_input
+from padkd.methods import KD, FitNet, Hint
+from padkd.taps import Taps, default_embedding
+from padkd.tasks import Classification
 from padkd.weighting import PAD, WEIGHTINGS
 
 B, IN, CLASSES = 16, 10, 4
@@ -21,6 +22,9 @@ B, IN, CLASSES = 16, 10, 4
 
 def ce(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(out, batch.targets)
+
+
+CLS = Classification()
 
 
 def teacher_mlp() -> nn.Sequential:
@@ -78,7 +82,7 @@ def mlp_distiller(**kw) -> Distiller:
         Term("kd", KD(), student="output", teacher="output"),
         Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in"),
     ]
-    return Distiller(student, teacher, terms=terms, task_loss=ce, **kw)
+    return Distiller(student, teacher, terms=terms, task=CLS, **kw)
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -203,7 +207,7 @@ def test_forward_before_prepare_raises():
 
 def test_no_terms_needs_no_prepare():
     torch.manual_seed(2)
-    dist = Distiller(student_mlp(), task_loss=ce)
+    dist = Distiller(student_mlp(), task=CLS)
     b = mlp_batch()
     out = dist(b)
     assert list(out.losses) == ["task"] and out.teacher is None and out.records == {}
@@ -230,7 +234,7 @@ def test_losses_and_records():
     torch.testing.assert_close(out.total, sum(out.losses.values()))
     assert set(out.records) == {"kd", "hint"}
     assert set(out.records["kd"]) == {"discrepancy", "weight"}
-    assert set(out.records["hint"]) == {"discrepancy", "weight", "log_var"}
+    assert set(out.records["hint"]) == {"discrepancy", "weight", "log_var", "inv_var"}
     for rec in out.records.values():
         for v in rec.values():
             assert v.shape == (B,) and not v.requires_grad
@@ -239,10 +243,12 @@ def test_losses_and_records():
     torch.testing.assert_close(out.records["kd"]["discrepancy"], kd)
     torch.testing.assert_close(out.records["kd"]["weight"], torch.ones(B))
     torch.testing.assert_close(out.losses["kd"], kd.mean())
-    # PAD record: weight = mean_e exp(-log σ²) ≥ exp(-mean log σ²) (Jensen), both positive
+    # PAD record: inv_var = mean_e exp(-log σ²) ≥ exp(-mean log σ²) (Jensen); weight = inv_var / its batch
+    # mean, the same meaning (relative weight, mean 1) as under every other weighting
     rec = out.records["hint"]
-    assert (rec["weight"] > 0).all()
-    assert (rec["weight"] >= torch.exp(-rec["log_var"]) - 1e-6).all()
+    assert (rec["inv_var"] > 0).all()
+    assert (rec["inv_var"] >= torch.exp(-rec["log_var"]) - 1e-6).all()
+    torch.testing.assert_close(rec["weight"], rec["inv_var"] / rec["inv_var"].mean())
 
 
 def test_term_weight_scales_loss():
@@ -256,10 +262,10 @@ def test_term_weight_scales_loss():
     torch.testing.assert_close(d3(b).losses["kd"], 3 * d1(b).losses["kd"])
 
 
-def test_aux_state_dict_holds_heads_and_connectors():
+def test_terms_state_dict_holds_heads_and_connectors():
     dist = mlp_distiller()
     dist.prepare(mlp_batch())
-    aux = dist.aux_state_dict()
+    aux = dist.terms_state_dict()
     assert "1.weighting.head.0.weight" in aux
     assert "1.weighting.head.1.running_var" in aux
     assert "1.weighting.initialized" in aux and bool(aux["1.weighting.initialized"])
@@ -298,10 +304,10 @@ def test_prepare_is_idempotent():
     b = mlp_batch()
     dist.prepare(b)
     connector = dist.terms[1].method.connector
-    aux = {k: v.clone() for k, v in dist.aux_state_dict().items()}
+    aux = {k: v.clone() for k, v in dist.terms_state_dict().items()}
     dist.prepare(b)
     assert dist.terms[1].method.connector is connector
-    assert_same_state(aux, dist.aux_state_dict())
+    assert_same_state(aux, dist.terms_state_dict())
 
 
 # ---------------------------------------------------------------------------------------- taps
@@ -313,9 +319,8 @@ def test_bad_tap_path_did_you_mean():
         Taps(student, {"fcc:in"}, "student")
     with pytest.raises(PadkdError, match="suffix"):
         Taps(student, {"fc:out"}, "student")
-    dist = Distiller(student, teacher_mlp(), terms=[Term("h", Hint(), student="fc1x", teacher="fc1")])
     with pytest.raises(PadkdError, match="student tap 'fc1x'.*did you mean 'fc1'"):
-        dist.prepare(mlp_batch())
+        Distiller(student, teacher_mlp(), terms=[Term("h", Hint(), student="fc1x", teacher="fc1")])
 
 
 def test_tap_captures_module_input_and_output():
@@ -323,48 +328,97 @@ def test_tap_captures_module_input_and_output():
     student = student_mlp().eval()
     taps = Taps(student, {"fc:in", "fc1", "output"}, "student")
     x = torch.randn(B, IN)
-    out = student(x)
-    values = taps.take(out)
-    taps.close()
+    with taps.capture():
+        out = student(x)
+    values = taps.values(out)
     assert set(values) == {"fc:in", "fc1", "output"}
     expected_in = student.act(student.bn(student.fc1(x)))
     torch.testing.assert_close(values["fc:in"], expected_in)
     torch.testing.assert_close(values["fc1"], student.fc1(x))
     assert values["output"] is out
-    # take() clears, close() removes the hooks
-    assert taps.values == {}
+    # outside capture() nothing is recorded; close() removes the hooks
     student(x)
-    assert taps.values == {}
+    assert taps._calls == {}
+    taps.close()
     assert not student.fc._forward_hooks
 
 
-def test_distiller_removes_hooks_after_forward():
+class Twice(nn.Module):
+    """A module whose `act` runs twice and whose `pair` returns a dict (an FPN-like pytree)."""
+
+    padkd_taps = {"first": "act#0", "levels": "pair"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(3, 3), nn.Linear(3, 3), nn.ReLU()
+        self.pair = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        g = self.act(self.b(h))
+        self.pair({"p3": h, "p4": g})
+        return g
+
+
+def test_taps_keep_every_call_of_a_repeated_module_and_pytree_values():
+    model = Twice()
+    x = torch.randn(2, 3)
+    taps = Taps(model, {"act#0", "act#1", "act#*", "first", "levels"}, "student")
+    with taps.capture():
+        out = model(x)
+    values = taps.values(out)
+    first = model.act(model.a(x))
+    torch.testing.assert_close(values["act#0"], first)
+    torch.testing.assert_close(values["act#1"], out)
+    torch.testing.assert_close(values["first"], first)
+    assert [v.shape for v in values["act#*"]] == [(2, 3), (2, 3)]
+    assert set(values["levels"]) == {"p3", "p4"}
+    plain = Taps(model, {"act"}, "student")
+    with plain.capture():
+        model(x)
+    with pytest.raises(PadkdError, match=r"ran 2 times in one forward; tap 'act#0' … 'act#1'"):
+        plain.values(None)
+    late = Taps(model, {"act#2"}, "teacher")
+    with late.capture():
+        model(x)
+    with pytest.raises(PadkdError, match="ran 2 time"):
+        late.values(None)
+
+
+def test_taps_are_installed_once_per_distiller_and_removed_by_close():
     dist = mlp_distiller()
     b = mlp_batch()
     dist.prepare(b)
-    dist(b)
+    hooks = [len(m._forward_hooks) for m in dist.student.modules()]
+    for _ in range(3):
+        dist(b)
+    assert [len(m._forward_hooks) for m in dist.student.modules()] == hooks and sum(hooks) > 0
+    dist.close()
     for m in list(dist.student.modules()) + list(dist.teacher.modules()):
         assert not m._forward_hooks
 
 
-def test_embedding_auto_picks_last_linear_input():
-    assert last_linear_input(student_mlp()) == "fc:in"
-    assert last_linear_input(TinyCNN(3)) == "fc:in"
+def test_embedding_auto_picks_pooled_alias_or_last_linear_input():
+    assert default_embedding(student_mlp()) == "fc:in"
+    assert default_embedding(TinyCNN(3)) == "fc:in"
+    assert default_embedding(Twice()) == "b:in"
+    aliased = TinyCNN(3)
+    aliased.padkd_taps = {"pooled": "pool"}
+    assert default_embedding(aliased) == "pooled"
     with pytest.raises(PadkdError, match="nn.Linear"):
-        last_linear_input(nn.Sequential(nn.Conv2d(3, 3, 1)))
+        default_embedding(nn.Sequential(nn.Conv2d(3, 3, 1)))
     dist = mlp_distiller()
-    assert dist.terms[1].embedding_tap == "fc:in"
-    assert dist.terms[0].embedding_tap is None  # uniform does not need one
+    assert dist.embedding_taps == {"hint": "fc:in"}  # uniform KD needs none
     explicit = Distiller(
         student_mlp(), teacher_mlp(),
         terms=[Term("h", Hint(), PAD(), student="fc:in", teacher="fc:in", embedding="fc1")],
     )
-    assert explicit.terms[0].embedding_tap == "fc1"
+    assert explicit.embedding_taps == {"h": "fc1"}
     named = Distiller(
         student_mlp(), teacher_mlp(), embedding="fc1",
         terms=[Term("h", Hint(), PAD(), student="fc:in", teacher="fc:in")],
     )
-    assert named.terms[0].embedding_tap == "fc1"
+    assert named.embedding_taps == {"h": "fc1"}
 
 
 def test_pad_reads_the_tapped_embedding():
@@ -403,7 +457,7 @@ def test_pad_trains_end_to_end():
     dist = Distiller(
         student, teacher,
         terms=[Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in")],
-        task_loss=ce,
+        task=CLS,
     )
     g = torch.Generator().manual_seed(6)
     x = torch.randn(64, IN, generator=g)
@@ -436,7 +490,7 @@ def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
             Term("kd", KD(2.0), WEIGHTINGS.build("focal")),
             Term("kd_pad", KD(2.0), WEIGHTINGS.build("pad", {"mode": "per_sample"})),
         ],
-        task_loss=ce,
+        task=CLS,
     )
     b = cnn_batch()
     dist.prepare(b)
@@ -446,5 +500,117 @@ def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
     torch.testing.assert_close(out.records["kd"]["discrepancy"], out.records["kd_pad"]["discrepancy"])
     assert out.records["kd"]["weight"].mean().item() == pytest.approx(1.0, abs=1e-5)
     assert dist.terms[1].weighting.head[0].in_features == 4  # TinyCNN(4).fc:in
-    d = Discrepancy(out.records["kd"]["discrepancy"])
-    assert d.batch_size == 8
+    assert out.records["kd"]["discrepancy"].shape == (8,)
+
+
+# ------------------------------------------------------------------------- the seam and stages
+
+
+class TruncatedTeacher(Classification):
+    """A task whose teacher runs only up to `bn` and reads the student's tapped `fc1` output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[set[str]] = []
+
+    def teacher_forward(self, teacher, batch, student_values):
+        self.seen.append(set(student_values))
+        return teacher.bn(teacher.fc1(batch.inputs))
+
+
+def test_task_calls_the_models_and_the_teacher_can_read_student_values():
+    torch.manual_seed(8)
+    task = TruncatedTeacher()
+    dist = Distiller(student_mlp(), teacher_mlp(), task=task,
+                     terms=[Term("h", Hint(), student="fc1", teacher="bn")])
+    b = mlp_batch()
+    dist.prepare(b)
+    out = dist(b)
+    assert task.seen[-1] == {"output", "fc1"}
+    t = dist.teacher
+    torch.testing.assert_close(out.teacher, t.bn(t.fc1(b.inputs)))
+    expected = (dist.terms[0].method.connector(dist.student.fc1(b.inputs)) - out.teacher).pow(2).mean()
+    torch.testing.assert_close(out.losses["h"], expected)
+
+
+class SignedMethod(Hint):
+    signed = True
+
+    def forward(self, student, teacher, batch):
+        d = super().forward(student, teacher, batch)
+        from padkd.discrepancy import Discrepancy
+
+        return Discrepancy(d, unweighted=torch.tensor(-0.25))
+
+
+def test_unweighted_part_is_added_after_the_weighting_and_ramp_scales_the_term():
+    torch.manual_seed(9)
+    b = mlp_batch()
+    dist = Distiller(student_mlp(), teacher_mlp(),
+                     terms=[Term("s", SignedMethod(), WEIGHTINGS.build("ohem", {"fraction": 0.5}),
+                                 student="fc:in", teacher="fc:in", weight=2.0, warmup_epochs=4)])
+    dist.prepare(b)
+    dist.train()
+    plain = dist(b)
+    d = plain.records["s"]["discrepancy"]
+    top = d.topk(B // 2).values
+    torch.testing.assert_close(plain.losses["s"], 2.0 * (top.sum() / B * 2 - 0.25))  # OHEM weights 2 on half
+    for epoch, factor in ((0, 0.25), (1, 0.5), (3, 1.0), (9, 1.0)):
+        torch.testing.assert_close(dist(b, epoch=epoch).losses["s"], factor * plain.losses["s"])
+
+
+class FrozenPart(Hint):
+    """A method that freezes one of its own modules (as FT freezes its paraphraser)."""
+
+    def build(self, ctx):
+        super().build(ctx)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_follow_trainable_lr_scale_and_frozen_method_modules():
+    torch.manual_seed(10)
+    dist = Distiller(student_mlp(), teacher_mlp(), terms=[
+        Term("a", FrozenPart(), student="fc:in", teacher="fc:in", lr_scale=0.1),
+        Term("b", Hint(), PAD(), student="fc1", teacher="fc1", lr_scale=0.0)])
+    dist.prepare(mlp_batch())
+    groups = dist.param_groups(trainable=["fc1"])
+    assert [g["name"] for g in groups] == ["student", "a"]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in dist.student.fc1.parameters()}
+    assert not dist.student.fc.weight.requires_grad and dist.student.fc1.weight.requires_grad
+    assert groups[1]["lr_scale"] == 0.1
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in dist.terms[0].method.connector.parameters()}
+    assert not any(p.requires_grad for p in dist.terms[1].parameters())
+    assert len(dist.param_groups(trainable=None)[0]["params"]) == len(list(dist.student.parameters()))
+
+
+def test_student_mode_eval_keeps_student_bn_statistics():
+    dist = mlp_distiller(student_mode="eval")
+    b = mlp_batch()
+    dist.prepare(b)
+    before = snapshot(dist.student)
+    dist.train()
+    assert not dist.student.training and dist.terms[1].training
+    dist(b)
+    assert_same_state(before, snapshot(dist.student))
+
+
+def test_carry_loads_what_the_previous_stage_had_and_keeps_new_modules_fresh():
+    torch.manual_seed(11)
+    teacher, student = teacher_mlp(), student_mlp()
+    b = mlp_batch()
+    first = Distiller(student, teacher, terms=[Term("h", Hint(), student="fc:in", teacher="fc:in")])
+    first.prepare(b)
+    with torch.no_grad():
+        first.terms[0].method.connector.weight.fill_(0.5)
+    second = Distiller(student, teacher, terms=[Term("h", FrozenPart(), student="fc:in", teacher="fc:in")])
+    second.terms[0].signature = first.terms[0].signature
+    second.prepare(b, previous=first)
+    assert torch.equal(second.terms[0].method.connector.weight, first.terms[0].method.connector.weight)
+    assert second.terms[0].method.frozen.weight.shape == (2, 2)  # new in this stage, fresh
+    off = Distiller(student, teacher, terms=[Term("h", Hint(), student="fc:in", teacher="fc:in", carry=False)])
+    off.prepare(b, previous=first)
+    assert not torch.equal(off.terms[0].method.connector.weight, first.terms[0].method.connector.weight)
+    wide = Distiller(student_mlp(width=5), teacher, terms=[Term("h", Hint(), student="fc:in", teacher="fc:in")])
+    with pytest.raises(PadkdError, match="cannot carry.*carry: false"):
+        wide.prepare(mlp_batch(), previous=first)

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from padkd.config import SchedulerConfig, dump_config, parse_config
+from padkd.data.samplers import EpochSampler, ShardSampler
 from padkd.engine import checkpoint as ckpt
-from padkd.engine.distributed import EpochSampler, ShardSampler
 from padkd.engine.logging import read_metrics
-from padkd.engine.trainer import Interrupted, Trainer, lr_factor
+from padkd.engine.stage import lr_factor
+from padkd.engine.trainer import Interrupted, Trainer
 from padkd.errors import NonFiniteLossError, PadkdError
 
 STEPS_PER_EPOCH = 16  # 1079 digits training images, batch 64, drop_last
@@ -287,13 +288,13 @@ def test_run_writes_checkpoints_with_full_training_state(run_a: tuple[Path, dict
     raw = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     last = last_checkpoint(run_dir)
     assert set(raw) == set(last)
-    assert {"student", "aux", "optimizer", "progress", "rng", "model"} <= set(last)
+    assert {"student", "terms", "optimizer", "scaler", "meters", "progress", "rng", "model"} <= set(last)
     assert last["format"] == ckpt.FORMAT and last["kind"] == "run"
     assert last["model"] == {"name": "cnn", "widths": [4, 8]}
     assert last["progress"] == {"stage": 1, "epoch": 1, "batch": 0, "global_step": 3 * STEPS_PER_EPOCH,
-                                "best_metric": final["best_val_top1"], "best_at": final["best_stage_epoch"]}
-    assert any("weighting.head" in key for key in last["aux"]), list(last["aux"])
-    assert any("method.connector" in key for key in last["aux"])  # student 8 -> teacher 16 features
+                                "best_metric": final["best_val"], "best_at": final["best_stage_epoch"]}
+    assert any("weighting.head" in key for key in last["terms"]), list(last["terms"])
+    assert any("method.connector" in key for key in last["terms"])  # student 8 -> teacher 16 features
     assert not any(key.startswith("teacher") for key in last["student"])
     assert {"state", "param_groups"} <= set(last["optimizer"])
     assert {"python", "numpy", "torch"} <= set(last["rng"])
@@ -322,9 +323,10 @@ def test_run_writes_metrics_events(run_a: tuple[Path, dict[str, Any]]) -> None:
     assert events[-1] == {"event": "final", **final}
     assert json.loads((run_dir / "final.json").read_text()) == final
     assert final["split"] == "test" and set(final["last"]) == {"top1", "top5", "loss"}
-    assert set(final) == {"best_stage_epoch", "best_val_top1", "split", "last", "best"}
+    assert set(final) == {"primary_metric", "best_stage_epoch", "best_val", "split", "last", "best"}
+    assert final["primary_metric"] == "top1"
     best_epoch = next(e for e in epochs if [e["stage"], e["epoch"]] == final["best_stage_epoch"])
-    assert best_epoch["val"]["top1"] == final["best_val_top1"] == max(e["val"]["top1"] for e in epochs)
+    assert best_epoch["val"]["top1"] == final["best_val"] == max(e["val"]["top1"] for e in epochs)
 
 
 def test_run_writes_per_sample_records(run_a: tuple[Path, dict[str, Any]]) -> None:
@@ -334,14 +336,14 @@ def test_run_writes_per_sample_records(run_a: tuple[Path, dict[str, Any]]) -> No
         rows = list(csv.reader(f))
     assert rows[0] == ["index", "target", "student_pred", "student_correct", "student_confidence", "teacher_pred",
                        "teacher_correct", "teacher_confidence", "teacher_true_prob", "hint.discrepancy", "hint.weight",
-                       "hint.log_var"]
+                       "hint.log_var", "hint.inv_var"]
     body = rows[1:]
     assert len(body) == TEST_SIZE
     assert [int(r[0]) for r in body] == list(range(TEST_SIZE))
     for r in body:
-        discrepancy, weight, log_var = float(r[9]), float(r[10]), float(r[11])
+        discrepancy, weight, log_var, inv_var = float(r[9]), float(r[10]), float(r[11]), float(r[12])
         assert discrepancy >= 0 and weight > 0 and math.isfinite(log_var)
-        assert weight >= math.exp(-log_var) * (1 - 1e-3)  # mean of exp(-s) >= exp(-mean s)
+        assert inv_var >= math.exp(-log_var) * (1 - 1e-3)  # mean of exp(-s) >= exp(-mean s)
         assert 0 <= int(r[1]) < 10
         assert int(r[3]) == int(r[2] == r[1]) and int(r[6]) == int(r[5] == r[1])  # correctness columns
     with open(run_dir / "records" / "0-l2-test.csv", newline="") as f:
@@ -395,7 +397,7 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(run_a, run_b) -> None:
     (a_dir, a_final), (b_dir, _, b_final) = run_a, run_b
     assert b_final == a_final
     assert_same_tensors(last_checkpoint(a_dir)["student"], last_checkpoint(b_dir)["student"])
-    assert_same_tensors(last_checkpoint(a_dir)["aux"], last_checkpoint(b_dir)["aux"])
+    assert_same_tensors(last_checkpoint(a_dir)["terms"], last_checkpoint(b_dir)["terms"])
     assert epoch_events(b_dir) == epoch_events(a_dir)
 
 
@@ -406,7 +408,7 @@ def test_resume_across_the_stage_boundary_matches(tmp_path: Path, run_a, distill
     assert {k: interrupted["progress"][k] for k in ("stage", "epoch", "batch")} == {"stage": 1, "epoch": 0, "batch": 1}
     assert final == a_final
     assert_same_tensors(last_checkpoint(a_dir)["student"], last_checkpoint(run_dir)["student"])
-    assert_same_tensors(last_checkpoint(a_dir)["aux"], last_checkpoint(run_dir)["aux"])
+    assert_same_tensors(last_checkpoint(a_dir)["terms"], last_checkpoint(run_dir)["terms"])
     assert epoch_events(run_dir) == epoch_events(a_dir)
     assert (run_dir / "records" / "1-pad-test.csv").read_text() == (a_dir / "records" / "1-pad-test.csv").read_text()
 
@@ -415,7 +417,7 @@ def test_resume_mid_epoch_of_a_plain_run_matches(tmp_path: Path, plain_config) -
     reference = run(plain_config(tmp_path / "a", epochs=2))
     raw = plain_config(tmp_path / "b", epochs=2)
     interrupted, final = interrupt_then_resume(raw, STEPS_PER_EPOCH + 3)
-    assert interrupted["progress"]["batch"] == 3 and interrupted["aux"] == {}
+    assert interrupted["progress"]["batch"] == 3 and interrupted["terms"] == {}
     assert final == reference
     assert_same_tensors(last_checkpoint(tmp_path / "a")["student"], last_checkpoint(tmp_path / "b")["student"])
     assert epoch_events(tmp_path / "b") == epoch_events(tmp_path / "a")
@@ -524,7 +526,7 @@ def test_plain_training_without_teacher(tmp_path: Path, plain_config) -> None:
     assert [e["event"] for e in read_metrics(run_dir)] == ["epoch", "epoch", "final"]
     assert set(epoch_events(run_dir)[0]["train"]) == {"task", "total"}
     last = last_checkpoint(run_dir)
-    assert last["aux"] == {} and last["progress"]["global_step"] == 2 * STEPS_PER_EPOCH
+    assert last["terms"] == {} and last["progress"]["global_step"] == 2 * STEPS_PER_EPOCH
     assert run(plain_config(tmp_path / "again", epochs=2)) == final  # seeded: the same numbers
 
 
@@ -638,23 +640,134 @@ def test_stage2_starts_from_the_stage1_connector_unless_carry_is_off(tmp_path: P
 
 
 def test_term_lr_scale_gives_the_term_its_own_parameter_group(tmp_path: Path, distill_config) -> None:
-    from padkd.build import build_data, build_distiller, build_model
-    from padkd.engine.trainer import build_optimizer
-    from padkd.methods import Batch
-    from padkd.tasks import Classification
+    from padkd.build import build_data, build_distiller, build_model, build_task
+    from padkd.engine.stage import StageRun
 
     raw = distill_config(tmp_path / "run")
     raw["stages"][1]["terms"][0]["lr_scale"] = 10.0
     cfg = parse_config(raw)
-    data = build_data(cfg)
-    student, teacher = build_model(cfg.student, data, "student"), build_model(cfg.teacher, data, "teacher")
+    data, task = build_data(cfg), build_task(cfg.task)
+    student, teacher = build_model(cfg.student, data, task, "student"), build_model(cfg.teacher, data, task, "teacher")
     stage = cfg.stages[1]
-    distiller = build_distiller(cfg, stage, student, teacher, Classification(), "stages[1]")
-    x, y, idx = zip(*[data.train[i] for i in range(8)], strict=True)
-    distiller.prepare(Batch(torch.stack(x), torch.stack(y), torch.tensor(idx)))
-    optimizer = build_optimizer(stage, distiller)
+    distiller = build_distiller(cfg, stage, student, teacher, task, "stages[1]")
+    distiller.prepare(task.collate([data.train[i] for i in range(8)]), data.info())
+    optimizer = StageRun(stage, distiller, cfg.engine, torch.device("cpu"), world=1).optimizer
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs == pytest.approx([stage.optimizer.lr, 10 * stage.optimizer.lr])
     term_params = {id(p) for p in distiller.terms.parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == term_params
     assert not term_params & {id(p) for p in optimizer.param_groups[0]["params"]}
+
+
+# ---------------------------------------------------------------- the training step (StageRun)
+
+
+def _stage_run(accumulate: int = 1, clip: float | None = None, precision: str = "fp32",
+               momentum: float = 0.0) -> tuple[Any, Any]:
+    from padkd.config import EngineConfig, StageConfig
+    from padkd.distiller import Distiller
+    from padkd.engine.stage import StageRun
+    from padkd.models import MODELS
+    from padkd.tasks import Classification
+
+    torch.manual_seed(0)
+    student = MODELS.build("mlp", {"hidden": [16]}, in_channels=1, num_classes=10)
+    stage = StageConfig.model_validate({"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": momentum,
+                                                                   "weight_decay": 0.0}})
+    engine = EngineConfig(accumulate=accumulate, clip_grad_norm=clip, precision=precision)
+    run = StageRun(stage, Distiller(student, task=Classification()), engine, torch.device("cpu"), world=1)
+    run.distiller.train()
+    return run, student
+
+
+def _digits_batch(n: int = 64) -> Any:
+    from padkd.batch import Batch
+
+    g = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g), torch.arange(n))
+
+
+def test_gradient_accumulation_equals_the_large_batch_step() -> None:
+    batch = _digits_batch()
+    whole, student_a = _stage_run()
+    whole.step(batch, 0)
+    halves, student_b = _stage_run(accumulate=2)
+    first, second = (batch.replace(inputs=batch.inputs[s], targets=batch.targets[s], index=batch.index[s])
+                     for s in (slice(0, 32), slice(32, 64)))
+    halves.step(first, 0)
+    assert halves.pending == 1 and all(p.grad is not None for p in student_b.parameters())
+    halves.step(second, 0)
+    assert halves.pending == 0
+    for (name, a), b in zip(student_a.state_dict().items(), student_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_flush_steps_on_a_partial_group_at_its_mean_gradient() -> None:
+    batch = _digits_batch(32)
+    full, student_a = _stage_run()
+    full.step(batch, 0)
+    partial, student_b = _stage_run(accumulate=4)
+    partial.step(batch, 0)
+    assert partial.flush() and not partial.flush()
+    for a, b in zip(student_a.parameters(), student_b.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_update() -> None:
+    batch = _digits_batch()
+    run, student = _stage_run(clip=1e-3)
+    before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
+    run.step(batch, 0)
+    after = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr × clip (plain SGD)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_step_keeps_fp32_weights_and_losses(precision: str) -> None:
+    run, student = _stage_run(precision=precision)
+    losses = run.step(_digits_batch(), 0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert run.scaler.is_enabled() == (precision == "fp16")
+    assert ("scale" in run.state_dict()["scaler"]) == (precision == "fp16")
+
+
+def test_resume_with_accumulation_fp16_and_clipping_matches(tmp_path: Path, plain_config) -> None:
+    def config(out: Path) -> dict[str, Any]:
+        raw = plain_config(out, epochs=2)
+        raw["data"]["batch_size"] = 32
+        raw["engine"] = {"accumulate": 2, "precision": "fp16", "clip_grad_norm": 5.0}
+        return raw
+
+    reference = run(config(tmp_path / "a"))
+    interrupted, final = interrupt_then_resume(config(tmp_path / "b"), 20)
+    assert interrupted["progress"]["batch"] == 6 and "scale" in interrupted["scaler"]  # 33 - 2·16 micro-batches
+    assert final == reference
+    assert_same_tensors(last_checkpoint(tmp_path / "a")["student"], last_checkpoint(tmp_path / "b")["student"])
+    events = epoch_events(tmp_path / "a")
+    assert [e["global_step"] for e in events] == [17, 34]  # 16 full groups + 1 flushed partial per epoch
+
+
+@pytest.mark.slow
+def test_compile_traces_a_bounded_number_of_graphs_and_keeps_state_dict_keys(tmp_path: Path,
+                                                                             distill_config) -> None:
+    import torch._dynamo.utils as dynamo_utils
+
+    raw = distill_config(tmp_path / "run", stage1_epochs=2)
+    raw["stages"] = raw["stages"][:1]
+    raw["engine"] = {"compile": True, "compile_backend": "aot_eager"}
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    graphs: dict[int, int] = {}
+
+    def count(trainer: Trainer, step: int) -> None:
+        graphs[step] = dynamo_utils.counters["stats"]["unique_graphs"]
+
+    run(raw, callbacks=[count])
+    steps = sorted(graphs)
+    assert len(steps) == 2 * STEPS_PER_EPOCH
+    # Graphs appear in the first epoch (train, and evaluation at its end); the second adds none.
+    assert graphs[steps[-1]] == graphs[STEPS_PER_EPOCH + 1] <= 8
+    keys = set(last_checkpoint(tmp_path / "run")["student"])
+    assert keys == set(torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["student"])
+    assert not any("_orig_mod" in k for k in keys)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from padkd.batch import Batch
+from padkd.context import BuildContext, DataInfo
 from padkd.discrepancy import Discrepancy
-from padkd.methods import KD, METHODS, Batch, FitNet, Hint
+from padkd.methods import KD, METHODS, FitNet, Hint
 from padkd.weighting import WEIGHTINGS
 
 B = 6
@@ -18,8 +20,11 @@ def batch(n: int = B) -> Batch:
     return Batch(inputs=None, targets=None, index=torch.arange(n))
 
 
-def test_batch_len():
-    assert len(batch(5)) == 5
+def ctx(student: torch.Tensor, teacher: torch.Tensor) -> BuildContext:
+    """A build context holding only example features (what these methods read)."""
+    b = batch(len(student))
+    return BuildContext(student=student, teacher=teacher, batch=b, data=DataInfo(n_train=len(student)),
+                        world_size=1, student_model=nn.Identity(), teacher_model=nn.Identity())
 
 
 def test_registry_has_methods():
@@ -91,7 +96,7 @@ def test_hint_connector_for_different_widths():
     s, t = torch.randn(B, 4), torch.randn(B, 9)
     hint = Hint()
     assert isinstance(hint.connector, nn.Identity)
-    hint.build(s, t)
+    hint.build(ctx(s, t))
     assert isinstance(hint.connector, nn.Linear)
     assert (hint.connector.in_features, hint.connector.out_features) == (4, 9)
     d = hint(s, t, batch())
@@ -105,7 +110,7 @@ def test_hint_equal_widths_auto_is_identity():
     torch.manual_seed(6)
     s, t = torch.randn(B, 8), torch.randn(B, 8)
     hint = Hint(connector="auto")
-    hint.build(s, t)
+    hint.build(ctx(s, t))
     assert isinstance(hint.connector, nn.Identity)
     assert len(list(hint.parameters())) == 0
     torch.testing.assert_close(hint(s, t, batch()), (s - t) ** 2)
@@ -114,15 +119,15 @@ def test_hint_equal_widths_auto_is_identity():
 
 def test_hint_linear_connector_forced():
     hint = Hint(connector="linear")
-    hint.build(torch.randn(B, 8), torch.randn(B, 8))
+    hint.build(ctx(torch.randn(B, 8), torch.randn(B, 8)))
     assert isinstance(hint.connector, nn.Linear)
 
 
 def test_hint_none_with_different_widths_raises():
     with pytest.raises(ValueError, match="connector='none'"):
-        Hint(connector="none").build(torch.randn(B, 4), torch.randn(B, 9))
+        Hint(connector="none").build(ctx(torch.randn(B, 4), torch.randn(B, 9)))
     hint = Hint(connector="none")
-    hint.build(torch.randn(B, 4), torch.randn(B, 4))  # equal widths are fine
+    hint.build(ctx(torch.randn(B, 4), torch.randn(B, 4)))  # equal widths are fine
     assert isinstance(hint.connector, nn.Identity)
 
 
@@ -130,7 +135,7 @@ def test_hint_pools_feature_maps():
     torch.manual_seed(7)
     s, t = torch.randn(B, 3, 5, 5), torch.randn(B, 6, 2, 2)
     hint = Hint()
-    hint.build(s, t)
+    hint.build(ctx(s, t))
     assert hint.connector.in_features == 3 and hint.connector.out_features == 6
     d = hint(s, t, batch())
     assert d.shape == (B, 6)
@@ -142,7 +147,7 @@ def test_hint_gradient_reaches_student_and_connector():
     s = torch.randn(B, 4, requires_grad=True)
     t = torch.randn(B, 5)
     hint = Hint()
-    hint.build(s.detach(), t)
+    hint.build(ctx(s.detach(), t))
     hint(s, t, batch()).mean().backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert hint.connector.weight.grad is not None
@@ -150,7 +155,7 @@ def test_hint_gradient_reaches_student_and_connector():
 
 def test_hint_discrepancy_is_valid_contract():
     d = Discrepancy.of(Hint()(torch.randn(B, 3), torch.randn(B, 3), batch()))
-    assert d.batch_size == B and d.elements == 3
+    assert d.value.shape[0] == B and d.elements == 3
 
 
 # ---------------------------------------------------------------------------------------- FitNet
@@ -160,7 +165,7 @@ def test_fitnet_build_regressor_with_bn():
     torch.manual_seed(9)
     s, t = torch.randn(B, 3, 4, 4), torch.randn(B, 5, 4, 4)
     fit = FitNet()
-    fit.build(s, t)
+    fit.build(ctx(s, t))
     conv, bn = fit.regressor
     assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
     assert (conv.in_channels, conv.out_channels) == (3, 5)
@@ -175,7 +180,7 @@ def test_fitnet_without_bn():
     torch.manual_seed(10)
     fit = FitNet(batchnorm=False)
     s, t = torch.randn(B, 3, 4, 4), torch.randn(B, 2, 4, 4)
-    fit.build(s, t)
+    fit.build(ctx(s, t))
     assert isinstance(fit.regressor, nn.Sequential) and len(fit.regressor) == 1
     conv = fit.regressor[0]
     assert conv.bias is not None
@@ -187,7 +192,7 @@ def test_fitnet_pools_to_smaller_map(hs, ht):
     torch.manual_seed(11)
     s, t = torch.randn(B, 3, hs, hs), torch.randn(B, 5, ht, ht)
     fit = FitNet(batchnorm=False)
-    fit.build(s, t)
+    fit.build(ctx(s, t))
     small = min(hs, ht)
     d = fit(s, t, batch())
     assert d.shape == (B, 5 * small * small)
@@ -201,7 +206,7 @@ def test_fitnet_pools_non_square_maps():
     torch.manual_seed(12)
     s, t = torch.randn(B, 3, 8, 4), torch.randn(B, 5, 4, 4)
     fit = FitNet(batchnorm=False)
-    fit.build(s, t)
+    fit.build(ctx(s, t))
     d = fit(s, t, batch())
     assert d.shape == (B, 5 * 4 * 4)
 
@@ -211,7 +216,7 @@ def test_fitnet_pools_non_square_maps():
 )
 def test_fitnet_non_4d_raises_helpful(s_shape, t_shape):
     with pytest.raises(ValueError, match=r"\[B, C, H, W\].*hint"):
-        FitNet().build(torch.randn(*s_shape), torch.randn(*t_shape))
+        FitNet().build(ctx(torch.randn(*s_shape), torch.randn(*t_shape)))
 
 
 def test_fitnet_gradient_reaches_student_not_teacher():
@@ -219,7 +224,7 @@ def test_fitnet_gradient_reaches_student_not_teacher():
     s = torch.randn(B, 3, 4, 4, requires_grad=True)
     t = torch.randn(B, 5, 4, 4, requires_grad=True)
     fit = FitNet()
-    fit.build(s.detach(), t.detach())
+    fit.build(ctx(s.detach(), t.detach()))
     fit(s, t.detach(), batch()).mean().backward()
     assert s.grad.abs().sum() > 0
     assert fit.regressor[0].weight.grad is not None

@@ -52,10 +52,12 @@ def test_pad_per_element_matches_formula():
     assert s.shape == (B, E)
     expected = (d * torch.exp(-s) + s).mean()
     torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
-    # records: effective weight exp(-s) and log σ², element-averaged, shape [B]
-    torch.testing.assert_close(out.weight, torch.exp(-s).mean(1).detach())
-    torch.testing.assert_close(out.log_var, s.mean(1).detach())
-    assert not out.weight.requires_grad and not out.log_var.requires_grad
+    # records: 1/σ² and log σ², element-averaged, shape [B]; weight = 1/σ² relative to its batch mean
+    inv_var = torch.exp(-s).mean(1).detach()
+    torch.testing.assert_close(out.columns["inv_var"], inv_var)
+    torch.testing.assert_close(out.columns["log_var"], s.mean(1).detach())
+    torch.testing.assert_close(out.weight, inv_var / inv_var.mean())
+    assert not out.weight.requires_grad and not out.columns["log_var"].requires_grad
 
 
 def test_pad_eps_form_with_default_eps():
@@ -91,7 +93,7 @@ def test_pad_per_sample_matches_formula():
 
 def test_pad_per_element_out_dim_mismatch_raises():
     pad = exact_pad(out_dim=4)
-    with pytest.raises(ValueError, match="per_sample"):
+    with pytest.raises(PadkdError, match=r"E=3 elements .* per_sample"):
         pad(torch.rand(B, E), torch.randn(B, D))
 
 
@@ -213,7 +215,7 @@ def test_pad_data_init_centres_sigma_on_mean_discrepancy():
     emb = torch.randn(256, D)
     out = pad(d, emb)
     # BN in training mode: batch-mean of log σ² equals the bias (geometric centre)
-    assert out.log_var.mean().item() == pytest.approx(math.log(d.mean().item()), abs=1e-3)
+    assert out.columns["log_var"].mean().item() == pytest.approx(math.log(d.mean().item()), abs=1e-3)
 
 
 def test_pad_build_initialises_and_state_dict_restores_flag():
@@ -396,7 +398,7 @@ def test_uniform_loss_is_mean():
     out = WEIGHTINGS.build("uniform", {})(d)
     torch.testing.assert_close(out.loss, d.mean())
     torch.testing.assert_close(out.weight, torch.ones(B))
-    assert out.log_var is None
+    assert out.columns == {}
 
 
 def _order(d: torch.Tensor) -> torch.Tensor:
@@ -538,3 +540,22 @@ def test_registry_coerces_types():
 def test_registry_unknown_option_on_uniform():
     with pytest.raises(PadkdError, match="unknown option"):
         WEIGHTINGS.build("uniform", {"gama": 1})
+
+
+def test_parts_that_add_up_are_summed_by_every_weighting() -> None:
+    """`sum_elements`: a sample's discrepancy is the sum of its parts (RKD distance + angle), under
+    uniform and hard mining alike; PAD sums the per-part NLL and starts σ² at the mean part value."""
+    d = torch.tensor([[1.0, 3.0], [2.0, 6.0], [0.5, 0.5]])
+    parts = Discrepancy(d, sum_elements=True)
+    assert WEIGHTINGS.build("uniform", {})(parts).loss.item() == pytest.approx((4 + 8 + 1) / 3)
+    ohem = WEIGHTINGS.build("ohem", {"fraction": 0.3})(parts)  # keeps the sample whose parts add to 8
+    assert ohem.loss.item() == pytest.approx(8.0 * 3 / 3) and ohem.weight.tolist() == [0.0, 3.0, 0.0]
+    pad = exact_pad(in_dim=2, out_dim=2)
+    emb = torch.randn(3, 2)
+    out = pad(parts, emb)
+    s = pad.log_var(emb)
+    torch.testing.assert_close(out.loss, (d * torch.exp(-s) + s).sum(1).mean())
+    torch.testing.assert_close(out.columns["log_var"], s.mean(1).detach())
+    fresh = PAD(2, 2, warmup_steps=0)
+    fresh.build(parts, emb)
+    assert fresh.head[1].bias[0].item() == pytest.approx(math.log(d.mean().item() + fresh.eps), rel=1e-5)

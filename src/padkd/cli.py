@@ -72,6 +72,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defaults(factory: object) -> str:
+    """`key=default` of a factory's options, for `padkd list`."""
+    import inspect
+
+    params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
+    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from padkd.data import DATASETS
     from padkd.data.samplers import SAMPLERS
@@ -83,7 +91,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS,
                 "tasks": TASKS, "samplers": SAMPLERS}[args.what]
     for name in registry.names():
-        print(f"{name:18s} {registry.describe(name)}")
+        line = f"{name:18s} {registry.describe(name)}"
+        if registry is METHODS:
+            method = METHODS.get(name)
+            options = _defaults(method)
+            line += f" [weight {method.default_weight:g}{'; ' + options if options else ''}]"
+            if method.reference:
+                line += f" ({method.reference})"
+        print(line)
     return 0
 
 

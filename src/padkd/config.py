@@ -130,6 +130,8 @@ class EngineConfig(Strict):
     clip_grad_norm: float | None = Field(None, gt=0)
     #: torch.compile the student and teacher in place (state_dict keys unchanged).
     compile: bool = False
+    #: The torch.compile backend (`aot_eager` or `eager` to debug compilation without code generation).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     #: NHWC memory layout for models and 4-d inputs (faster convolutions on recent GPUs).
     channels_last: bool = False
 
@@ -162,6 +164,7 @@ class Config(Strict):
     data: DataConfig
     teacher: ModelRef | None = None
     student: ModelRef
+    #: The task (a registered name and options); options given without a name apply to classification.
     task: Component = Field(default_factory=lambda: Component(name="classification"))
     distill: DistillConfig = Field(default_factory=DistillConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -169,6 +172,11 @@ class Config(Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     eval_test: bool = True
+
+    @pydantic.field_validator("task", mode="before")
+    @classmethod
+    def _default_task_name(cls, value: Any) -> Any:
+        return {"name": "classification", **value} if isinstance(value, dict) and "name" not in value else value
 
     def term_names(self, stage: StageConfig) -> list[str]:
         """Term names, defaulting to the method's name (suffixed when a method repeats)."""

@@ -12,15 +12,19 @@ from torch import Tensor
 class Discrepancy:
     """Discrepancies `value` of shape `[B]` or `[B, E]` and an optional boolean `mask` of the same shape.
 
-    E counts the elements of one sample (feature dimensions, locations, pair partners, anchors);
-    masked-out elements (mask False) take no part in any reduction. `unweighted` is an optional scalar
-    that belongs to the method's loss but to no sample (VID's `½ mean log σ²_c`): the Distiller adds it
-    after the weighting, so no weighting ever scales or mines it.
+    E counts the elements of one sample (feature dimensions, locations, pair partners, anchors, parts);
+    masked-out elements (mask False) take no part in any reduction. A sample's discrepancy is the mean
+    of its elements, or their sum when `sum_elements` is set: the elements are then the parts of one
+    loss that the method adds up (RKD's distance and angle, DKD's TCKD and NCKD, AT's layers), so the
+    parts keep their published scale and `uniform` gives the method's usual loss. `unweighted` is an
+    optional scalar that belongs to the method's loss but to no sample (VID's `½ mean log σ²_c`): the
+    Distiller adds it after the weighting, so no weighting ever scales or mines it.
     """
 
     value: Tensor
     mask: Tensor | None = None
     unweighted: Tensor | None = None
+    sum_elements: bool = False
 
     def __post_init__(self) -> None:
         if self.value.dim() not in (1, 2):
@@ -47,14 +51,16 @@ class Discrepancy:
             return self.value.unsqueeze(1), mask
         return self.value, self.mask
 
-    def reduce_elements(self, x: Tensor | None = None) -> Tensor:
-        """Masked mean over elements of `x` (default: the values) → `[B]`; 0 for fully masked samples."""
+    def reduce_elements(self, x: Tensor | None = None, mean: bool | None = None) -> Tensor:
+        """Masked mean (or, for `sum_elements`, sum) over elements of `x` (default: the values) → `[B]`;
+        0 for fully masked samples. `mean` overrides the choice (records of per-element quantities)."""
         values, mask = self.matrix()
         x = values if x is None else x
+        average = not self.sum_elements if mean is None else mean
         if mask is None:
-            return x.mean(dim=1)
+            return x.mean(dim=1) if average else x.sum(dim=1)
         total = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1)
-        return total / mask.sum(dim=1).clamp_min(1).to(x.dtype)
+        return total / mask.sum(dim=1).clamp_min(1).to(x.dtype) if average else total
 
     def sample_mask(self) -> Tensor | None:
         """`[B]` bool: samples with at least one valid element (None when nothing is masked)."""

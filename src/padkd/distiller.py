@@ -148,7 +148,8 @@ class Distiller(nn.Module):
         self.task_weight = task_weight
         self.teacher_train_bn = teacher_train_bn
         self.student_mode = student_mode
-        self._embedding_taps = {
+        #: Where each PAD-like weighting reads the student embedding (term name → tap path).
+        self.embedding_taps = {
             t.name: t.embedding_tap or (default_embedding(student) if embedding == "auto" else embedding)
             for t in terms if t.weighting.needs_embedding}
         if teacher is not None:
@@ -159,7 +160,7 @@ class Distiller(nn.Module):
             if teacher_train_bn:
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
-        student_paths = {p for t in terms for p in t.student_paths()} | set(self._embedding_taps.values())
+        student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
         self._student_taps = Taps(student, student_paths, "student")
         self._teacher_taps = Taps(teacher, {p for t in terms for p in t.teacher_paths()}, "teacher") \
             if teacher is not None and terms else None
@@ -225,7 +226,10 @@ class Distiller(nn.Module):
                 s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
                 ctx = BuildContext(student=s, teacher=t, batch=batch, data=data, world_size=world_size,
                                    student_model=self.student, teacher_model=self.teacher)
-                term.method.build(ctx)
+                try:
+                    term.method.build(ctx)
+                except ValueError as err:
+                    raise PadkdError(f"term '{term.name}': {err}") from None
                 term.method.to(device)
                 source = carried.get(term.name)
                 if term.carry and source is not None and source.signature == term.signature:
@@ -238,7 +242,7 @@ class Distiller(nn.Module):
         self._prepared = True
 
     def _embedding(self, term: Term, s_values: dict[str, Any]) -> Tensor | None:
-        tap = self._embedding_taps.get(term.name)
+        tap = self.embedding_taps.get(term.name)
         return s_values[tap] if tap is not None else None
 
     def forward(self, batch: Batch, epoch: int | None = None) -> DistillOutput:

@@ -55,8 +55,10 @@ class TapPath:
 
     @classmethod
     def parse(cls, text: str, model: nn.Module, role: str) -> TapPath:
-        path, _, call_text = text.partition("#")
-        path = aliases(model).get(path, path)
+        head, _, call_text = text.partition("#")
+        path = aliases(model).get(head, head)
+        path, _, alias_call = path.partition("#")  # an alias may name one call itself
+        call_text = call_text or alias_call
         name, _, which = path.partition(":")
         if which not in ("", "in"):
             raise PadkdError(f"{role} tap '{text}': suffix must be ':in' or nothing")
@@ -80,8 +82,8 @@ class Taps:
         self.paths = {p: TapPath.parse(p, model, role) for p in sorted(paths - {OUTPUT})}
         for tap in self.paths.values():
             if tap.module not in modules:
-                options = list(modules) + list(aliases(model))
-                raise PadkdError(f"{role} tap '{tap.text}': no module '{tap.module}'{did_you_mean(tap.module, options)}")
+                hint = did_you_mean(tap.module, list(modules) + list(aliases(model)))
+                raise PadkdError(f"{role} tap '{tap.text}': no module '{tap.module}'{hint}")
         for name in sorted({tap.module for tap in self.paths.values()}):
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 

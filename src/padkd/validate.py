@@ -52,6 +52,8 @@ def check_components(cfg: Config) -> None:
             raise PadkdError(f"stages[{i}].terms: distillation terms need a teacher; add a 'teacher:' section")
         for j, term in enumerate(stage.terms):
             where = f"stages[{i}].terms[{j}]"
+            check_component(METHODS, term.method, f"{where}.method")
+            check_component(WEIGHTINGS, term.weighting, f"{where}.weighting")
             method = METHODS.build(term.method.name, term.method.options, f"{where}.method")
             weighting = WEIGHTINGS.build(term.weighting.name, term.weighting.options, f"{where}.weighting")
             try:

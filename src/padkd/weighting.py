@@ -54,11 +54,16 @@ class Weighting(nn.Module):
     #: True for weightings that leave the batch mean as it is, the only ones a batch-level method allows.
     accepts_batch_level: bool = False
 
+    def __init__(self) -> None:
+        # An explicit signature (nn.Module's takes **kwargs): the registry then rejects unknown options.
+        super().__init__()
+
     def check(self, method: Method) -> None:
         """Refuse a method this weighting cannot weight (ValueError naming the fix); run at config check."""
         if method.unit == "batch" and not self.accepts_batch_level:
+            fix = f"; {method.per_sample_fix}" if method.per_sample_fix else ""
             raise ValueError(f"method '{type(method).__name__}' is batch-level (its loss does not split into "
-                             "per-sample parts): only weighting 'uniform' applies")
+                             f"per-sample parts): only weighting 'uniform' applies{fix}")
 
     def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
         """Create shape-dependent parameters from an example batch (before the optimizer exists)."""
@@ -273,7 +278,7 @@ class PAD(Weighting):
     def _init_from(self, d: Discrepancy) -> None:
         """Set the BN bias so that σ² starts at the batch's mean discrepancy (geometric centre)."""
         assert self.head is not None
-        mean_d = float(batch_mean(d.reduce_elements().float(), d.sample_mask()))
+        mean_d = float(batch_mean(d.reduce_elements(mean=True).float(), d.sample_mask()))
         self.head[1].bias.fill_(math.log(max(mean_d, self.eps) + self.eps))
         self.initialized.fill_(True)
         self._ready = True
@@ -318,8 +323,8 @@ class PAD(Weighting):
         if self.training:
             self.step += 1
         with torch.no_grad():
-            inv_var = d.reduce_elements(torch.exp(-s.detach()))
-            log_var = d.reduce_elements(s.detach())
+            inv_var = d.reduce_elements(torch.exp(-s.detach()), mean=True)
+            log_var = d.reduce_elements(s.detach(), mean=True)
             valid = d.sample_mask()
             weight = inv_var / batch_mean(inv_var, valid).clamp_min(1e-30)
             if valid is not None:

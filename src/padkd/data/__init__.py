@@ -88,5 +88,8 @@ def stratified_split(labels: Tensor, fractions: tuple[float, float, float], seed
 
 DATASETS: Registry[DataSplits] = Registry("dataset")
 
-from padkd.data import digits, mnist  # noqa: E402,F401  (register the built-in datasets)
-from padkd.data import samplers  # noqa: E402,F401
+from padkd.data import (  # noqa: E402,F401  (register the built-in datasets)
+    digits,
+    mnist,
+    samplers,  # noqa: E402,F401
+)

@@ -1,5 +1,5 @@
 """Per-sample records: for every sample of a split, each term's discrepancy, relative weight and the
-weighting's own columns (PAD: learned log σ² and 1/σ²), beside the task's columns (for classification
+weighting's own columns (PAD: learned log σ² and 1/σ²), beside the task's own columns (e.g.
 the teacher's and the student's predictions). Written as CSV."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ gradient accumulation, clipping and the optimizer step happen.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Any
 
@@ -21,6 +22,11 @@ from padkd.distiller import Distiller
 from padkd.engine.checkpoint import load_state_strict
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: DDP must not broadcast buffers before every forward (a CRD memory bank would be copied from rank 0 each
+#: step); the engine syncs BatchNorm statistics itself at epoch end. Newer torch names the option anew.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 
 
 def lr_factor(s: SchedulerConfig, epoch: float, epochs: int, base_lr: float) -> float:
@@ -66,7 +72,7 @@ class StageRun:
         if world > 1:
             self.model = DistributedDataParallel(
                 distiller, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=distiller.find_unused_parameters)
+                find_unused_parameters=distiller.find_unused_parameters, **_NO_BUFFER_SYNC)
         self.meters: dict[str, Tensor] = {}
         self.pending = 0  # micro-batches accumulated since the last optimizer step
 

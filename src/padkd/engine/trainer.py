@@ -174,7 +174,7 @@ class Trainer:
             if cfg.engine.channels_last:
                 model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if cfg.engine.compile:
-                model.compile()
+                model.compile(backend=cfg.engine.compile_backend)
         return student, teacher
 
     # ------------------------------------------------------------------ main entry

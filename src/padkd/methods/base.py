@@ -8,7 +8,10 @@ What every registered method must satisfy (checked for all of them, plugins incl
 - gradients reach the student and the method's own modules, never the teacher;
 - in eval mode no state changes (memory banks, running statistics);
 - permuting the batch permutes the rows (relational methods: rows and, for `[B, B]`, columns);
-- fp16/bf16 features work (reductions in fp32); batch sizes 1 and 2 work or fail with a clear message.
+- fp16/bf16 features work (reductions in fp32); batch sizes 1 and 2 work or fail with a clear message;
+- a multi-part method (RKD's distance and angle, DKD's two parts, AT's layers) returns one element per
+  part at its published scale and sets `Discrepancy(..., sum_elements=True)`, so a sample's discrepancy
+  is the sum of its parts and `uniform` gives the method's usual loss.
 
 Each method also says what its elements are (`elements`) and whether it decomposes per sample at all
 (`unit`); weightings refuse what they cannot weight at config check (`Weighting.check`).
@@ -48,6 +51,8 @@ class Method(nn.Module):
     #: "sample": the discrepancy decomposes per sample; "batch": only its batch mean means anything
     #: (a per-class statistic, for example), so only the `uniform` weighting accepts it.
     unit: Literal["sample", "batch"] = "sample"
+    #: For a batch-level method: how to get a per-sample variant (shown when a weighting refuses it).
+    per_sample_fix: str = ""
     #: True when the method returns an unweighted part (`Discrepancy.unweighted`) beside d >= 0.
     signed: bool = False
     #: Epochs over which the term's weight ramps up linearly (DKD's warm-up); 0 for none.
@@ -66,6 +71,10 @@ class Method(nn.Module):
         """Student and teacher features of the kind this method reads (default: 10-way logits), so the
         registry-wide contract test can exercise every method, plugins included."""
         return (torch.randn(batch_size, 10, generator=generator), torch.randn(batch_size, 10, generator=generator))
+
+    def __init__(self) -> None:
+        # An explicit signature (nn.Module's takes **kwargs): the registry then rejects unknown options.
+        super().__init__()
 
     def build(self, ctx: BuildContext) -> None:
         """Create modules whose shapes depend on the features or the data (default: none)."""
