@@ -1,0 +1,171 @@
+"""DKD and DIST: values against the papers' formulas written out per sample, batch means, warm-up, PAD refusal."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from padkd.batch import Batch
+from padkd.config import load_config, parse_config
+from padkd.discrepancy import Discrepancy
+from padkd.distiller import Term
+from padkd.errors import PadkdError
+from padkd.methods import DIST, DKD, KD, METHODS
+from padkd.weighting import WEIGHTINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Three samples, four classes; sample 2's teacher is confident and wrong-ish, sample 1's logits tie.
+S = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.3, 0.3, 0.3, 1.2], [-2.0, 4.0, 1.0, -0.5]])
+T = torch.tensor([[3.0, 0.0, -1.0, 0.5], [1.0, -0.5, 0.3, 0.3], [0.0, 1.0, 6.0, -3.0]])
+Y = torch.tensor([0, 3, 1])
+
+
+def batch(targets: torch.Tensor | None = Y) -> Batch:
+    n = 3 if targets is None else len(targets)
+    return Batch(inputs=torch.zeros(n, 1), targets=targets, index=torch.arange(n))
+
+
+def softmax(row: list[float], temp: float) -> list[float]:
+    z = [math.exp(v / temp) for v in row]
+    return [v / sum(z) for v in z]
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+def dkd_parts(s: list[float], t: list[float], y: int, temp: float) -> tuple[float, float]:
+    """The paper's TCKD and NCKD of one sample (times T²): binary split, then renormalised non-targets."""
+    p_s, p_t = softmax(s, temp), softmax(t, temp)
+    tckd = kl([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+    hat_s = [p / (1 - p_s[y]) for j, p in enumerate(p_s) if j != y]
+    hat_t = [p / (1 - p_t[y]) for j, p in enumerate(p_t) if j != y]
+    return temp**2 * tckd, temp**2 * kl(hat_t, hat_s)
+
+
+# ------------------------------------------------------------------------------------------- DKD
+
+
+@pytest.mark.parametrize(("alpha", "beta", "temp"), [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0)])
+def test_dkd_parts_match_the_paper_per_sample(alpha: float, beta: float, temp: float) -> None:
+    d = DKD(alpha=alpha, beta=beta, temperature=temp)(S, T, batch())
+    assert d.shape == (3, 2)
+    for i in range(3):
+        tckd, nckd = dkd_parts(S[i].tolist(), T[i].tolist(), int(Y[i]), temp)
+        assert float(d[i, 0]) == pytest.approx(2 * alpha * tckd, rel=1e-4, abs=1e-7)
+        assert float(d[i, 1]) == pytest.approx(2 * beta * nckd, rel=1e-4, abs=1e-7)
+
+
+def test_dkd_uniform_loss_is_the_authors_batch_loss() -> None:
+    alpha, beta, temp = 1.0, 8.0, 4.0
+    d = DKD(alpha, beta, temp)(S, T, batch())
+    parts = [dkd_parts(S[i].tolist(), T[i].tolist(), int(Y[i]), temp) for i in range(3)]
+    # mdistiller: KL(sum) / B for each part, then alpha * TCKD + beta * NCKD.
+    expected = alpha * sum(p[0] for p in parts) / 3 + beta * sum(p[1] for p in parts) / 3
+    loss = WEIGHTINGS.build("uniform", {})(d).loss
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_dkd_with_unit_coefficients_recovers_kd_by_the_papers_identity() -> None:
+    # KD = TCKD + (1 - p_t[target]) · NCKD (Zhao et al., eq. 4).
+    d = DKD(alpha=1.0, beta=1.0, temperature=2.0)(S, T, batch()) / 2
+    p_t_target = torch.softmax(T / 2.0, dim=1)[torch.arange(3), Y]
+    torch.testing.assert_close(d[:, 0] + (1 - p_t_target) * d[:, 1], KD(2.0)(S, T, batch()))
+
+
+def test_dkd_is_zero_when_the_student_matches_and_stable_for_confident_teachers() -> None:
+    assert torch.equal(DKD()(T, T.clone(), batch()), torch.zeros(3, 2))
+    huge = torch.tensor([[80.0, -80.0, 0.0, 0.0]] * 3)  # p_t[target] rounds to 1 in fp32
+    s = S.clone().requires_grad_(True)
+    d = DKD(temperature=1.0)(s, huge, batch(torch.tensor([0, 0, 0])))
+    d.sum().backward()
+    assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
+
+
+def test_dkd_warmup_ramps_the_term_through_term_ramp() -> None:
+    term = Term("dkd", DKD())
+    assert [term.ramp(e) for e in (0, 9, 19, 40)] == pytest.approx([1 / 20, 10 / 20, 1.0, 1.0])
+    assert Term("dkd", METHODS.build("dkd", {"warmup_epochs": 4})).ramp(0) == pytest.approx(0.25)
+    assert Term("dkd", DKD(), warmup_epochs=0).ramp(0) == 1.0  # a term's own setting wins
+
+
+def test_dkd_defaults_and_target_check() -> None:
+    dkd = METHODS.build("dkd", {})
+    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs, dkd.default_weight) == (1.0, 8.0, 4.0, 20.0, 1.0)
+    with pytest.raises(ValueError, match="class-index targets"):
+        dkd(S, T, batch(targets=None))
+
+
+# ------------------------------------------------------------------------------------------ DIST
+
+
+def dist_by_hand(s: torch.Tensor, t: torch.Tensor, tau: float) -> tuple[list[float], float]:
+    """(1 - Pearson) per sample over classes, and 1 - mean over classes of Pearson over the batch, times τ²."""
+    y_s = [softmax(row, tau) for row in s.tolist()]
+    y_t = [softmax(row, tau) for row in t.tolist()]
+    inter = [tau**2 * (1 - np.corrcoef(a, b)[0, 1]) for a, b in zip(y_s, y_t, strict=True)]
+    columns = range(len(y_s[0]))
+    rho = [np.corrcoef([r[c] for r in y_s], [r[c] for r in y_t])[0, 1] for c in columns]
+    return inter, tau**2 * (1 - sum(rho) / len(rho))
+
+
+def test_dist_inter_part_per_sample_and_the_authors_loss() -> None:
+    inter, intra = dist_by_hand(S, T, 4.0)
+    d = DIST(beta=1.5, tau=4.0, intra=False)(S, T, batch())
+    assert d.shape == (3,)
+    np.testing.assert_allclose(d.numpy(), 1.5 * np.array(inter), rtol=1e-4)
+    full = DIST(beta=1.5, gamma=0.5, tau=4.0)(S, T, batch())
+    assert full.shape == (3, 2)
+    np.testing.assert_allclose(full.mean(dim=1).numpy(), 1.5 * np.array(inter) + 0.5 * intra, rtol=1e-4)
+    loss = WEIGHTINGS.build("uniform", {})(full).loss
+    # The authors' batch loss: beta * tau² (1 - mean_i rho_i) + gamma * tau² (1 - mean_c rho_c).
+    assert float(loss) == pytest.approx(1.5 * sum(inter) / 3 + 0.5 * intra, rel=1e-4)
+
+
+def test_dist_defaults_follow_the_authors_cifar_recipe() -> None:
+    dist = METHODS.build("dist", {})
+    assert (dist.beta, dist.gamma, dist.tau, dist.intra, dist.default_weight) == (1.0, 1.0, 4.0, True, 2.0)
+    assert dist.unit == "batch" and METHODS.build("dist", {"intra": False}).unit == "sample"
+
+
+def _config(method: dict, weighting: dict) -> dict:
+    return {"output_dir": "unused", "data": {"name": "digits"}, "student": {"model": {"name": "cnn"}},
+            "teacher": {"model": {"name": "cnn"}},
+            "stages": [{"epochs": 1, "terms": [{"method": method, "weighting": weighting}]}]}
+
+
+@pytest.mark.parametrize("weighting", ["pad", "ohem"])
+def test_dist_with_the_intra_part_is_refused_by_pad_and_ohem_at_config_check(weighting: str) -> None:
+    with pytest.raises(PadkdError, match=r"^stages\[0\]\.terms\[0\]\.weighting: .*only weighting 'uniform'") as err:
+        parse_config(_config({"name": "dist"}, {"name": weighting}))
+    assert "\n" not in str(err.value)
+    parse_config(_config({"name": "dist", "intra": False}, {"name": weighting}))
+    parse_config(_config({"name": "dist"}, {"name": "uniform"}))
+
+
+def test_dist_intra_needs_two_samples() -> None:
+    with pytest.raises(ValueError, match="intra: false"):
+        DIST()(S[:1], T[:1], batch(Y[:1]))
+    assert DIST(intra=False)(S[:1], T[:1], batch(Y[:1])).shape == (1,)
+
+
+def test_dist_pad_weights_the_per_sample_part() -> None:
+    s = S.clone().requires_grad_(True)
+    d = DIST(intra=False)(s, T, batch())
+    emb = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    pad = WEIGHTINGS.build("pad", {}, "w")
+    pad.check(DIST(intra=False))
+    pad.build(Discrepancy(d), emb)
+    pad(d, emb).loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["dkd", "dist"])
+def test_example_configs_parse(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
+    assert any(term.method.name == name for stage in cfg.stages for term in stage.terms)
