@@ -118,7 +118,9 @@ def test_nce_loss_on_a_hand_made_case() -> None:
     v_s = torch.stack([unit(1.0, 1.0), unit(-1.0, 2.0)])  # anchors of samples 0 (class 0) and 4 (class 1)
     v_t = torch.stack([unit(2.0, -1.0), unit(0.0, 1.0)])
     method.train()
-    d = method(v_s * 3.0, v_t * 0.5, batch_of([0, 4]))  # the heads normalise the scale away
+    out = method(v_s * 3.0, v_t * 0.5, batch_of([0, 4]))  # the heads normalise the scale away
+    assert out.sum_elements  # the two anchors' losses add up to the sample's
+    d = out.value
 
     def dot(x: Tensor, y: Tensor) -> float:
         return float(x @ y)
@@ -136,7 +138,7 @@ def test_nce_loss_on_a_hand_made_case() -> None:
          _paper_nce(dot(v_t[1], e), dot(v_t[1], c), 3, 6, z_t, 0.5)],
     ])
     assert d.shape == (2, 2) and (d >= 0).all()
-    torch.testing.assert_close(d, 2 * expected, rtol=1e-5, atol=1e-6)  # each part times 2: their mean is s + t
+    torch.testing.assert_close(d, expected, rtol=1e-5, atol=1e-6)
 
 
 def _authors_batch_loss(e: Tensor, z: float, k: int, n: int) -> Tensor:
@@ -178,7 +180,7 @@ def test_eval_forwards_change_neither_memory_nor_z() -> None:
     method.eval()
     fresh = copy.deepcopy(method.state_dict())
     d = method(s, t, batch_of([0, 1, 2, 3, 4, 5]))  # before any training Z is estimated, never stored
-    d.sum().backward()
+    d.value.sum().backward()
     with torch.no_grad():
         method(s, t, batch_of([100, 101, 102, 103, 104, 105]))  # another split's indices: ignored in eval
     assert all(torch.equal(fresh[k], v) for k, v in method.state_dict().items())
@@ -349,7 +351,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             for _ in range(3):
                 index = torch.randperm(40, generator=g)[:5]  # ranks' samples may overlap
                 s = torch.randn(5, 12, generator=g, requires_grad=True)
-                method(s, torch.randn(5, 20, generator=g), batch_of(index)).sum().backward()
+                method(s, torch.randn(5, 20, generator=g), batch_of(index)).value.sum().backward()
             results[memory] = method.state_dict()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

@@ -53,12 +53,14 @@ def dkd_parts(s: list[float], t: list[float], y: int, temp: float) -> tuple[floa
 
 @pytest.mark.parametrize(("alpha", "beta", "temp"), [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0)])
 def test_dkd_parts_match_the_paper_per_sample(alpha: float, beta: float, temp: float) -> None:
-    d = DKD(alpha=alpha, beta=beta, temperature=temp)(S, T, batch())
+    out = DKD(alpha=alpha, beta=beta, temperature=temp)(S, T, batch())
+    assert out.sum_elements  # the two parts add up to the sample's loss
+    d = out.value
     assert d.shape == (3, 2)
     for i in range(3):
         tckd, nckd = dkd_parts(S[i].tolist(), T[i].tolist(), int(Y[i]), temp)
-        assert float(d[i, 0]) == pytest.approx(2 * alpha * tckd, rel=1e-4, abs=1e-7)
-        assert float(d[i, 1]) == pytest.approx(2 * beta * nckd, rel=1e-4, abs=1e-7)
+        assert float(d[i, 0]) == pytest.approx(alpha * tckd, rel=1e-4, abs=1e-7)
+        assert float(d[i, 1]) == pytest.approx(beta * nckd, rel=1e-4, abs=1e-7)
 
 
 def test_dkd_uniform_loss_is_the_authors_batch_loss() -> None:
@@ -73,16 +75,16 @@ def test_dkd_uniform_loss_is_the_authors_batch_loss() -> None:
 
 def test_dkd_with_unit_coefficients_recovers_kd_by_the_papers_identity() -> None:
     # KD = TCKD + (1 - p_t[target]) · NCKD (Zhao et al., eq. 4).
-    d = DKD(alpha=1.0, beta=1.0, temperature=2.0)(S, T, batch()) / 2
+    d = DKD(alpha=1.0, beta=1.0, temperature=2.0)(S, T, batch()).value
     p_t_target = torch.softmax(T / 2.0, dim=1)[torch.arange(3), Y]
     torch.testing.assert_close(d[:, 0] + (1 - p_t_target) * d[:, 1], KD(2.0)(S, T, batch()))
 
 
 def test_dkd_is_zero_when_the_student_matches_and_stable_for_confident_teachers() -> None:
-    assert torch.equal(DKD()(T, T.clone(), batch()), torch.zeros(3, 2))
+    assert torch.equal(DKD()(T, T.clone(), batch()).value, torch.zeros(3, 2))
     huge = torch.tensor([[80.0, -80.0, 0.0, 0.0]] * 3)  # p_t[target] rounds to 1 in fp32
     s = S.clone().requires_grad_(True)
-    d = DKD(temperature=1.0)(s, huge, batch(torch.tensor([0, 0, 0])))
+    d = DKD(temperature=1.0)(s, huge, batch(torch.tensor([0, 0, 0]))).value
     d.sum().backward()
     assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
 
@@ -120,8 +122,8 @@ def test_dist_inter_part_per_sample_and_the_authors_loss() -> None:
     assert d.shape == (3,)
     np.testing.assert_allclose(d.numpy(), 1.5 * np.array(inter), rtol=1e-4)
     full = DIST(beta=1.5, gamma=0.5, tau=4.0)(S, T, batch())
-    assert full.shape == (3, 2)
-    np.testing.assert_allclose(full.mean(dim=1).numpy(), 1.5 * np.array(inter) + 0.5 * intra, rtol=1e-4)
+    assert full.value.shape == (3, 2) and full.sum_elements
+    np.testing.assert_allclose(full.reduce_elements().numpy(), 1.5 * np.array(inter) + 0.5 * intra, rtol=1e-4)
     loss = WEIGHTINGS.build("uniform", {})(full).loss
     # The authors' batch loss: beta * tau² (1 - mean_i rho_i) + gamma * tau² (1 - mean_c rho_c).
     assert float(loss) == pytest.approx(1.5 * sum(inter) / 3 + 0.5 * intra, rel=1e-4)

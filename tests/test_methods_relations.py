@@ -36,7 +36,7 @@ def dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def uniform_loss(d: torch.Tensor) -> float:
+def uniform_loss(d: torch.Tensor | Discrepancy) -> float:
     return float(WEIGHTINGS.build("uniform", {})(d).loss)
 
 
@@ -146,20 +146,22 @@ def rkd_parts(fs: torch.Tensor, ft: torch.Tensor) -> tuple[list[list[float]], li
 def test_rkd_rows_and_batch_loss(scale: float) -> None:
     fs = FS.clone()
     fs[0] *= scale
-    d = RKD()(fs, FT, batch())
+    out = RKD()(fs, FT, batch())
+    assert out.sum_elements  # distance and angle add up to the row's loss
+    d = out.value
     dist, angle = rkd_parts(fs, FT)
     assert d.shape == (B, 2)
     for i in range(B):
-        assert float(d[i, 0]) == pytest.approx(2 * 25 * sum(dist[i]) / B, rel=1e-4, abs=1e-6)
-        assert float(d[i, 1]) == pytest.approx(2 * 50 * sum(map(sum, angle[i])) / B**2, rel=1e-4, abs=1e-6)
+        assert float(d[i, 0]) == pytest.approx(25 * sum(dist[i]) / B, rel=1e-4, abs=1e-6)
+        assert float(d[i, 1]) == pytest.approx(50 * sum(map(sum, angle[i])) / B**2, rel=1e-4, abs=1e-6)
     # The authors' loss: 25 · mean over all B² distance terms + 50 · mean over all B³ angle terms.
     loss_d = sum(map(sum, dist)) / B**2
     loss_a = sum(sum(map(sum, plane)) for plane in angle) / B**3
-    assert uniform_loss(d) == pytest.approx(25 * loss_d + 50 * loss_a, rel=1e-4)
+    assert uniform_loss(out) == pytest.approx(25 * loss_d + 50 * loss_a, rel=1e-4)
 
 
 def test_rkd_part_weights_and_batch_size_one() -> None:
-    full, scaled = RKD()(FS, FT, batch()), RKD(distance_weight=1.0, angle_weight=0.0)(FS, FT, batch())
+    full, scaled = RKD()(FS, FT, batch()).value, RKD(distance_weight=1.0, angle_weight=0.0)(FS, FT, batch()).value
     torch.testing.assert_close(scaled[:, 0] * 25, full[:, 0])
     assert torch.equal(scaled[:, 1], torch.zeros(B))
     with pytest.raises(ValueError, match="at least 2 samples"):

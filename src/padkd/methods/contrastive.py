@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.context import BuildContext
+from padkd.discrepancy import Discrepancy
 from padkd.engine.distributed import all_gather_cat
 from padkd.errors import PadkdError
 from padkd.methods.base import METHODS, Method
@@ -52,8 +53,8 @@ class CRD(Method):
     entries) by `exp(v·k / nce_t) / Z_s`; the teacher anchor does the same against the student memory.
     With `c = K / n_train` (K noise samples from a uniform noise distribution over the training set),
     sample i's NCE loss is `-log(P_0 / (P_0 + c + eps)) - Σ_k log(c / (P_k + c + eps))`. Element 0 is the
-    student anchor's, element 1 the teacher anchor's, each times 2 so that their mean is the authors'
-    `s_loss + t_loss` and the batch mean under `uniform` is RepDistiller's `CRDLoss`.
+    student anchor's, element 1 the teacher anchor's, parts that add up (`sum_elements`) to the authors'
+    `s_loss + t_loss`, so the batch mean under `uniform` is RepDistiller's `CRDLoss`.
 
     `memory="bank"`: one momentum-updated entry per training sample and side (`nce_m`), found by
     `batch.index`. `memory="queue"`: a FIFO of the last `queue_size` embeddings per side (MoCo style);
@@ -142,7 +143,7 @@ class CRD(Method):
             self._z_known = bool((self.z > 0).all())
         return self._z_known
 
-    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Discrepancy:  # type: ignore[override]
         with torch.autocast(device_type=student.device.type, enabled=False):
             v_s = F.normalize(self.embed_s(student.flatten(1).float()), dim=1)
             v_t = F.normalize(self.embed_t(teacher.flatten(1).float()), dim=1)
@@ -172,8 +173,8 @@ class CRD(Method):
         """The authors' Z: mean exp-score of a batch times the number of training samples."""
         return torch.stack([e_s.mean(), e_t.mean()]).detach() * self.n_data
 
-    def _nce(self, e_s: Tensor, e_t: Tensor, z: Tensor) -> Tensor:
-        """Per-sample NCE loss of each anchor (scores `[B, 1 + K]`) → `[B, 2]`, each part times 2."""
+    def _nce(self, e_s: Tensor, e_t: Tensor, z: Tensor) -> Discrepancy:
+        """Per-sample NCE loss of each anchor (scores `[B, 1 + K]`) → `[B, 2]` parts that add up."""
         c = self.k / self.n_data  # K · P_n with the uniform noise distribution P_n = 1 / n_train
 
         def loss(e: Tensor, z_side: Tensor) -> Tensor:
@@ -182,9 +183,9 @@ class CRD(Method):
             neg = (math.log(c) - torch.log(p[:, 1:] + c + NCE_EPS)).sum(1)
             return -(pos + neg)
 
-        return 2.0 * torch.stack([loss(e_s, z[0]), loss(e_t, z[1])], 1)
+        return Discrepancy(torch.stack([loss(e_s, z[0]), loss(e_t, z[1])], 1), sum_elements=True)
 
-    def _train_forward(self, v_s: Tensor, v_t: Tensor, index: Tensor) -> Tensor:
+    def _train_forward(self, v_s: Tensor, v_t: Tensor, index: Tensor) -> Discrepancy:
         snapshot = torch.is_grad_enabled()
         y = self.targets[index] if self.mode != "uniform" else None
         if self.memory_kind == "queue":

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from padkd.batch import Batch
+from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
 
 
@@ -39,10 +40,10 @@ class DKD(Method):
 
     Sample i: `TCKD_i = T² KL(b_t ‖ b_s)` on the binary split `b = [p_gt, 1 - p_gt]` of softmax(·/T), and
     `NCKD_i = T² KL(p̂_t ‖ p̂_s)` on the softmax(·/T) of the non-target logits alone. Element 0 is
-    `2 α TCKD_i`, element 1 `2 β NCKD_i`: each part times its coefficient, times the number of parts,
-    so that the mean over elements that every weighting takes is `α TCKD_i + β NCKD_i` and the batch
-    mean under `uniform` is the authors' loss. Needs class targets. The term's weight ramps up over
-    `warmup_epochs` (the published 20: `min(epoch / 20, 1)` with mdistiller's 1-based epochs).
+    `α TCKD_i`, element 1 `β NCKD_i`, parts that add up (`sum_elements`): sample i's discrepancy is
+    `α TCKD_i + β NCKD_i` and the batch mean under `uniform` is the authors' loss. Needs class
+    targets. The term's weight ramps up over `warmup_epochs` (the published 20: `min(epoch / 20, 1)`
+    with mdistiller's 1-based epochs).
     Defaults are mdistiller's CIFAR-100 ones (α=1, β=8, T=4, warm-up 20, loss weight 1); its
     per-pair configs lower β for some pairs (resnet56→20: 2; wrn-40-2→16-2 and vgg13→mbv2: 6).
     """
@@ -62,7 +63,7 @@ class DKD(Method):
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
 
-    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Discrepancy:  # type: ignore[override]
         targets = batch.targets
         if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.is_floating_point():
             raise ValueError("dkd needs class-index targets of shape [B] (a classification task)")
@@ -76,7 +77,7 @@ class DKD(Method):
         t_rest = teacher.float()[~gt].view(n, c - 1) / t
         log_q_s, log_q_t = F.log_softmax(s_rest, dim=1), F.log_softmax(t_rest, dim=1)
         nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
-        return torch.stack([self.alpha * tckd, self.beta * nckd], dim=1) * (2 * t * t)
+        return Discrepancy(torch.stack([self.alpha * tckd, self.beta * nckd], dim=1) * (t * t), sum_elements=True)
 
 
 def _binary_kl(s: Tensor, t: Tensor, gt: Tensor) -> Tensor:
@@ -105,9 +106,9 @@ class DIST(Method):
     Inter-class relation of sample i: `τ² β (1 - ρ(y_s,i, y_t,i))`, ρ the Pearson correlation of the
     student's and teacher's probability rows. Intra-class relation: `τ² γ (1 - mean_c ρ(y_s[:, c],
     y_t[:, c]))`, a correlation of each class's column *over the batch*: it belongs to no sample.
-    `intra: true` (the authors' loss) returns `[B, 2]` = (2 × inter_i, 2 × intra) — the batch's intra
-    value repeated on every row, parts doubled so the element mean is their sum — and the instance
-    declares `unit = "batch"`: only `uniform` accepts it, whose batch mean is the authors' loss.
+    `intra: true` (the authors' loss) returns `[B, 2]` = (inter_i, intra) — the batch's intra value
+    repeated on every row, parts that add up (`sum_elements`) — and the instance declares
+    `unit = "batch"`: only `uniform` accepts it, whose batch mean is the authors' loss.
     `intra: false` returns the per-sample inter part alone, `[B]`, which PAD and hard mining can weight.
 
     Defaults, from the authors' CIFAR-100 recipe (hunto/image_classification_sota at d9662f7, the
@@ -119,6 +120,7 @@ class DIST(Method):
     reference = "Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022"
     default_weight = 2.0  # the authors' kd_loss_weight on CIFAR-100 and ImageNet
     unit = "batch"
+    per_sample_fix = "set the method's intra: false for its per-sample (inter-class) part alone"
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 4.0, intra: bool = True) -> None:
         super().__init__()
@@ -132,7 +134,7 @@ class DIST(Method):
         self.intra = intra
         self.unit = "batch" if intra else "sample"
 
-    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor | Discrepancy:  # type: ignore[override]
         scale = self.tau * self.tau
         y_s = F.softmax(student.float() / self.tau, dim=1)
         y_t = F.softmax(teacher.float() / self.tau, dim=1)
@@ -143,4 +145,4 @@ class DIST(Method):
             raise ValueError("dist: the intra-class relation correlates classes over the batch and needs batch "
                              "size >= 2; set intra: false for the per-sample part alone")
         intra = scale * self.gamma * (1 - _pearson(y_s.t(), y_t.t()).mean()).clamp_min(0)
-        return torch.stack([inter, intra.expand_as(inter)], dim=1) * 2
+        return Discrepancy(torch.stack([inter, intra.expand_as(inter)], dim=1), sum_elements=True)

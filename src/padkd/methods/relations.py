@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.context import BuildContext
+from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
 
 
@@ -141,10 +142,9 @@ class RKD(Method):
     with the same value, each with weight 1/B². Angle: `cos∠(f_j, f_i, f_k)`, the angle at vertex i,
     over all B³ ordered triplets (degenerate ones are 0 for both networks); triplet (j, i, k) counts in
     the row of its vertex i only, so row i is `mean_{jk}` of its B² triplets. Element 0 is
-    `2 · distance_weight · row_dist_i`, element 1 `2 · angle_weight · row_angle_i` (doubled so the
-    element mean is the sum of the weighted parts); the batch mean under `uniform` is RepDistiller's
-    `25 L_D + 50 L_A`. Needs at least 2 samples per batch. `squared: true` uses squared distances
-    (mdistiller's option).
+    `distance_weight · row_dist_i`, element 1 `angle_weight · row_angle_i`, parts that add up
+    (`sum_elements`); the batch mean under `uniform` is RepDistiller's `25 L_D + 50 L_A`. Needs at
+    least 2 samples per batch. `squared: true` uses squared distances (mdistiller's option).
     """
 
     reference = "Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019"
@@ -177,13 +177,14 @@ class RKD(Method):
         return e @ e.transpose(1, 2)
 
     @_fp32
-    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Discrepancy:  # type: ignore[override]
         s, t = _flat(student), _flat(teacher)
         if s.shape[0] < 2:
             raise ValueError("rkd needs at least 2 samples per batch (it matches pairwise distances and angles)")
         dist = F.smooth_l1_loss(self.distances(s), self.distances(t), reduction="none").mean(dim=1)
         angle = F.smooth_l1_loss(self.angles(s), self.angles(t), reduction="none").flatten(1).mean(dim=1)
-        return torch.stack([self.distance_weight * dist, self.angle_weight * angle], dim=1) * 2
+        return Discrepancy(torch.stack([self.distance_weight * dist, self.angle_weight * angle], dim=1),
+                           sum_elements=True)
 
 
 @METHODS.register("pkt")
