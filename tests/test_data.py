@@ -59,7 +59,7 @@ def test_digits_every_class_in_every_split(digits: DataSplits) -> None:
 def test_digits_normalised_with_train_statistics(digits: DataSplits) -> None:
     assert float(digits.train.images.mean()) == pytest.approx(0.0, abs=1e-5)
     assert float(digits.train.images.std()) == pytest.approx(1.0, abs=1e-4)
-    mean, std = digits.normalization
+    (mean,), (std,) = digits.normalization  # one channel
     assert 0 < mean < 1 and 0 < std < 1
 
 
@@ -143,7 +143,7 @@ def write_mnist(root: Path, gz: bool = False, folder: str = "MNIST/raw") -> dict
 
 def check_mnist(data: DataSplits, arrays: dict[str, np.ndarray], val_size: int) -> None:
     assert (len(data.train), len(data.val), len(data.test)) == (N_TRAIN - val_size, val_size, N_TEST)
-    assert data.num_classes == 10 and data.in_channels == 1 and data.normalization == (MEAN, STD)
+    assert data.num_classes == 10 and data.in_channels == 1 and data.normalization == ((MEAN,), (STD,))
     seen = []
     for split in (data.train, data.val):
         for i in range(len(split)):
