@@ -88,8 +88,10 @@ def stratified_split(labels: Tensor, fractions: tuple[float, float, float], seed
 
 DATASETS: Registry[DataSplits] = Registry("dataset")
 
-from padkd.data import (  # noqa: E402,F401  (register the built-in datasets)
+from padkd.data import (  # noqa: E402,F401  (register the built-in datasets and samplers)
+    cifar,
     digits,
+    folder,
     mnist,
-    samplers,  # noqa: E402,F401
+    samplers,
 )

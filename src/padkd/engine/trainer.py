@@ -302,9 +302,6 @@ class Trainer:
         watch = _NonFiniteWatch()
         t_last, n_last = time.perf_counter(), 0
         for batch in loader:
-            if self._stop_requested and run.pending == 0:
-                self._raise_if_non_finite(watch, stage)  # never save non-finite weights
-                return False
             lr = run.set_lr(progress.epoch + progress.batch / steps_per_epoch)
             losses = run.step(batch, progress.epoch)
             progress.batch += 1
@@ -314,6 +311,11 @@ class Trainer:
                     time.perf_counter() - t_last + 1e-9), progress.batch == steps_per_epoch):
                 t_last, n_last = time.perf_counter(), 0
             bar.update(1)
+            # Checked before the next batch is drawn: preparing a batch draws its augmentation from the
+            # device's RNG, and the checkpoint's RNG state must not include draws for an unused batch.
+            if self._stop_requested and run.pending == 0 and progress.batch < steps_per_epoch:
+                self._raise_if_non_finite(watch, stage)  # never save non-finite weights
+                return False
         if run.flush():
             self._after_optimizer_step(watch, stage, losses, lr, n_last / (time.perf_counter() - t_last + 1e-9), True)
         self._raise_if_non_finite(watch, stage)
