@@ -10,7 +10,7 @@ hook reaches it), which the `preactN` taps read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -140,7 +140,7 @@ class CifarResNet50(nn.Module):
         return self.linear(self.avgpool(x).flatten(1))
 
 
-def _resnet(depth: int, widths: tuple[int, ...], doc: str):  # type: ignore[no-untyped-def]
+def _resnet(depth: int, widths: tuple[int, ...], doc: str) -> Callable[..., nn.Module]:
     def factory(in_channels: int, num_classes: int) -> nn.Module:
         return CifarResNet(depth, widths, in_channels, num_classes)
 

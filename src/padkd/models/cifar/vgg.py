@@ -10,7 +10,7 @@ The ReLUs after the blocks are parameter-free modules `relu0` … `relu4` here: 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
@@ -69,7 +69,7 @@ class VGG(nn.Module):
         return self.classifier(self.pool4(x).flatten(1))
 
 
-def _vgg(depth: int, params: str):  # type: ignore[no-untyped-def]
+def _vgg(depth: int, params: str) -> Callable[..., nn.Module]:
     def factory(in_channels: int, num_classes: int) -> nn.Module:
         return VGG(CONFIGS[depth], in_channels, num_classes)
 

@@ -8,6 +8,8 @@ stage outputs of a pre-activation net carry no ReLU; the `preactN` taps are the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -82,7 +84,7 @@ class WideResNet(nn.Module):
         return self.fc(self.avgpool(self.relu(self.bn1(x))).flatten(1))
 
 
-def _wrn(depth: int, widen: int, params: str):  # type: ignore[no-untyped-def]
+def _wrn(depth: int, widen: int, params: str) -> Callable[..., nn.Module]:
     def factory(in_channels: int, num_classes: int, drop_rate: float = 0.0) -> nn.Module:
         if not 0 <= drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
