@@ -14,6 +14,7 @@ from padkd.data import DATASETS, DataSplits, TensorData, stratified_split
 from padkd.data.mnist import FILES, MEAN, STD, read_idx
 from padkd.errors import PadkdError
 from padkd.models import MODELS
+from padkd.models.cifar import ZOO
 
 # ---------------------------------------------------------------- digits
 
@@ -243,11 +244,13 @@ MODEL_CASES = {
     "cnn": ({"widths": [4, 8]}, 1, 8),
     "mlp": ({"hidden": [16, 8]}, 1, 8),
     "torchvision": ({"arch": "resnet18"}, 3, 32),
+    "timm": ({"arch": "test_resnet"}, 3, 32),
 }
 
 
 def test_every_registered_model_is_covered() -> None:
-    assert set(MODELS.names()) == set(MODEL_CASES)
+    # the CIFAR zoo (ZOO) is covered model by model in test_zoo.py, which pins ZOO's names
+    assert set(MODELS.names()) == set(MODEL_CASES) | set(ZOO)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CASES))

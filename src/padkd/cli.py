@@ -80,6 +80,22 @@ def _defaults(factory: object) -> str:
     return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
 
 
+def _cmd_import_teacher(args: argparse.Namespace) -> int:
+    import yaml
+
+    from padkd.models.convert import import_teacher
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PadkdError(f"--option '{item}': write KEY=VALUE, e.g. --option width_mult=0.5")
+        options[key] = yaml.safe_load(value)
+    print(import_teacher(Path(args.source), Path(args.output), args.model, options, args.num_classes,
+                         part=args.part))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from padkd.data import DATASETS
     from padkd.data.samplers import SAMPLERS
@@ -131,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .pt file or a run directory (its best checkpoint)")
     p.add_argument("-o", "--output", required=True, help="where to write the exported student")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import-teacher", help="convert a RepDistiller/mdistiller/torchdistill checkpoint into a "
+                       "padkd export of a zoo model, checked key by key")
+    p.add_argument("source", help="the foreign checkpoint: a state dict, bare or under 'model'/'state_dict'")
+    p.add_argument("--model", required=True, help="registered model it holds, e.g. resnet56 (padkd list models)")
+    p.add_argument("--num-classes", type=int, help="classes it was trained for (default: read from its classifier)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model option, repeatable (e.g. --option net_size=0.5)")
+    p.add_argument("--part", choices=["student", "teacher"],
+                   help="which model of a distiller checkpoint (mdistiller's latest/best; default student)")
+    p.add_argument("-o", "--output", required=True, help="where to write the padkd export")
+    p.set_defaults(func=_cmd_import_teacher)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])

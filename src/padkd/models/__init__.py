@@ -77,9 +77,11 @@ def mlp(in_channels: int, num_classes: int, input_size: int = 8, hidden: tuple[i
 
 
 @MODELS.register("torchvision")
-def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: str | None = None) -> nn.Module:
+def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: str | None = None,
+                      weights_path: str | None = None) -> nn.Module:
     """Any torchvision classification model by name (`arch: resnet18`); `weights` names a torchvision
-    weights enum value (e.g. `IMAGENET1K_V1`, downloaded by torchvision) and needs num_classes 1000."""
+    weights enum value (e.g. `IMAGENET1K_V1`, downloaded by torchvision) and needs num_classes 1000;
+    `weights_path` is a local torchvision-style state dict (never downloaded)."""
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -89,6 +91,17 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
         raise PadkdError(f"model.arch: unknown torchvision model '{arch}'{did_you_mean(arch, available)}")
     if in_channels != 3:
         raise PadkdError(f"model.arch {arch}: torchvision models take 3-channel images, the data has {in_channels}")
+    if weights is not None and weights_path is not None:
+        raise PadkdError("model: give weights (a torchvision enum, downloaded) or weights_path (a local file), "
+                         "not both")
     if weights is not None:
         return torchvision.models.get_model(arch, weights=weights)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if weights_path is not None:
+        from padkd.models.convert import load_weights_file
+
+        load_weights_file(model, weights_path, f"model.weights_path of torchvision {arch}")
+    return model
+
+
+from padkd.models import cifar, external  # noqa: E402,F401  (registers the CIFAR zoo and timm)
