@@ -1,7 +1,7 @@
 """What knowledge is matched: each method maps student/teacher tensors to per-sample discrepancies."""
 
 from padkd.methods.base import METHODS, Method
-from padkd.methods.features import FitNet, Hint
+from padkd.methods.features import AB, AT, FSP, FT, NST, VID, FitNet, Hint
 from padkd.methods.logits import KD
 
-__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet"]
+__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "AT", "NST", "AB", "FT", "FSP", "VID"]
