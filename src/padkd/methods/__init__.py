@@ -2,8 +2,9 @@
 
 from padkd.methods.base import METHODS, Method
 from padkd.methods.contrastive import CRD
-from padkd.methods.features import FitNet, Hint
+from padkd.methods.features import AB, AT, FSP, FT, NST, VID, FitNet, Hint
 from padkd.methods.logits import DIST, DKD, KD
 from padkd.methods.relations import CC, PKT, RKD, SP
 
-__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "DKD", "DIST", "SP", "CC", "RKD", "PKT", "CRD"]
+__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "AT", "NST", "AB", "FT", "FSP", "VID", "DKD", "DIST", "SP",
+           "CC", "RKD", "PKT", "CRD"]
