@@ -41,6 +41,11 @@ def maps(seed: int, *shapes: tuple[int, ...]) -> list[Tensor]:
     return [torch.randn(*shape, generator=g) for shape in shapes]
 
 
+def _v(d: Tensor | Discrepancy) -> Tensor:
+    """The discrepancy values `[B]` or `[B, P]`."""
+    return Discrepancy.of(d).value
+
+
 def uniform(d: Tensor | Discrepancy) -> Tensor:
     """The uniform weighting's loss plus the method's unweighted part, as the Distiller adds them."""
     d = Discrepancy.of(d)
@@ -80,22 +85,22 @@ def test_at_on_a_hand_made_case() -> None:
     s = torch.zeros(1, 1, 2, 2)
     t = torch.zeros(1, 1, 2, 2)
     s[0, 0, 0, 0], t[0, 0, 1, 1] = 3.0, 0.5
-    assert AT()([s], [t], batch(1)).tolist() == [[pytest.approx(2 / 4)]]  # mean over 4 positions of (1, 0, 0, -1)²
-    assert AT(mode="paper")([s], [t], batch(1)).tolist() == [[pytest.approx(math.sqrt(2))]]
+    assert _v(AT()([s], [t], batch(1))).tolist() == [[pytest.approx(2 / 4)]]  # mean over 4 positions of (1, 0, 0, -1)²
+    assert _v(AT(mode="paper")([s], [t], batch(1))).tolist() == [[pytest.approx(math.sqrt(2))]]
 
 
 @pytest.mark.parametrize("mode", ["code", "paper"])
 def test_at_per_sample_matches_the_formula(mode: str) -> None:
     s = maps(0, (B, 2, 4, 4), (B, 3, 2, 2))
     t = maps(1, (B, 5, 2, 2), (B, 4, 2, 2))  # layer 0: the student's 4x4 map is pooled to 2x2
-    d = AT(mode=mode)(s, t, batch())
+    d = _v(AT(mode=mode)(s, t, batch()))
     assert d.shape == (B, 2)
     for i in range(B):
         for j in range(2):
             fs = avg_pool_2x2(s[j])[i] if j == 0 else s[j][i]
             diff = paper_attention(fs) - paper_attention(t[j][i])
             value = float((diff**2).mean()) if mode == "code" else math.sqrt(float((diff**2).sum()))
-            assert float(d[i, j]) == pytest.approx(2 * value, rel=1e-5)  # scaled by the 2 layers
+            assert float(d[i, j]) == pytest.approx(value, rel=1e-5)
 
 
 def test_at_uniform_equals_the_reference_batch_losses() -> None:
@@ -114,7 +119,7 @@ def test_at_uniform_equals_the_reference_batch_losses() -> None:
 
 def test_at_takes_a_single_tapped_layer() -> None:
     s, t = maps(4, (B, 2, 3, 3), (B, 5, 3, 3))
-    torch.testing.assert_close(AT()(s, t, batch()), AT()([s], [t], batch()))
+    torch.testing.assert_close(_v(AT()(s, t, batch())), _v(AT()([s], [t], batch())))
 
 
 # ------------------------------------------------------------------------------------------- NST
@@ -124,15 +129,15 @@ def test_nst_on_a_hand_made_case() -> None:
     # One channel each, orthogonal unit maps: MMD² = k(t,t) + k(s,s) - 2 k(s,t) = 1 + 1 - 0.
     s = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]]]])
     t = torch.tensor([[[[0.0, 0.0], [0.0, 5.0]]]])
-    assert NST()([s], [t], batch(1)).tolist() == [[pytest.approx(2.0)]]
-    assert NST()([s], [s * 3], batch(1)).tolist() == [[pytest.approx(0.0, abs=1e-6)]]
+    assert _v(NST()([s], [t], batch(1))).tolist() == [[pytest.approx(2.0)]]
+    assert _v(NST()([s], [s * 3], batch(1))).tolist() == [[pytest.approx(0.0, abs=1e-6)]]
 
 
 @pytest.mark.parametrize(("degree", "coef"), [(2, 0.0), (1, 0.0), (3, 0.5)])
 def test_nst_per_sample_is_the_mmd_of_the_channel_sets(degree: int, coef: float) -> None:
     s = maps(5, (B, 3, 4, 4), (B, 2, 3, 3))
     t = maps(6, (B, 4, 2, 2), (B, 5, 3, 3))
-    d = NST(degree=degree, coef=coef)(s, t, batch())
+    d = _v(NST(degree=degree, coef=coef)(s, t, batch()))
 
     def k(x: Tensor, y: Tensor) -> float:
         return (float(x @ y) + coef) ** degree
@@ -145,7 +150,7 @@ def test_nst_per_sample_is_the_mmd_of_the_channel_sets(degree: int, coef: float)
             mmd = (sum(k(a, b) for a in xt for b in xt) / len(xt) ** 2
                    + sum(k(a, b) for a in xs for b in xs) / len(xs) ** 2
                    - 2 * sum(k(a, b) for a in xs for b in xt) / (len(xs) * len(xt)))
-            assert float(d[i, j]) == pytest.approx(2 * mmd, rel=1e-4, abs=1e-6)
+            assert float(d[i, j]) == pytest.approx(mmd, rel=1e-4, abs=1e-6)
 
 
 def test_nst_uniform_equals_repdistillers_batch_loss() -> None:
@@ -178,7 +183,7 @@ def test_ab_on_a_hand_made_case() -> None:
     t = torch.tensor([0.1, -1.0, 2.0, -0.5]).view(1, 4, 1, 1)
     ab = built(AB(margin=1.0, scale=1.0), [s], [t])
     # on: (-2 - 1)² = 9; off: (0.5 + 1)² = 2.25; on and past the margin: 0; off: (0 + 1)² = 1.
-    assert ab([s], [t], batch(1)).tolist() == [[pytest.approx(12.25)]]
+    assert _v(ab([s], [t], batch(1))).tolist() == [[pytest.approx(12.25)]]
 
 
 @pytest.mark.parametrize("margin", [1.0, 0.5])
@@ -188,7 +193,8 @@ def test_ab_per_sample_matches_the_authors_loss(margin: float) -> None:
     ab = built(AB(margin=margin), s, t)
     ab.eval()
     assert isinstance(ab.connectors[0], nn.Identity) and not isinstance(ab.connectors[2], nn.Identity)
-    d = ab(s, t, batch()).detach()
+    out = ab(s, t, batch())
+    d = out.value.detach()
     assert d.shape == (B, 3)
     weights = [1 / 4, 1 / 2, 1.0]  # the authors' layer weights for three layers
     with torch.no_grad():
@@ -196,11 +202,11 @@ def test_ab_per_sample_matches_the_authors_loss(margin: float) -> None:
     for i in range(B):
         for j in range(3):
             cost = authors_margin_cost(sources[j][i], t[j][i], margin).sum()
-            assert float(d[i, j]) == pytest.approx(3 * weights[j] * float(cost) * 3 / 1000, rel=1e-5)
+            assert float(d[i, j]) == pytest.approx(weights[j] * float(cost) * 3 / 1000, rel=1e-5)
     # RepDistiller's batch loss: Σ_l w_l · Σ cost / B · 3/1000.
     ref = sum(w * authors_margin_cost(x, y, margin).sum() / B * 3 / 1000
               for w, x, y in zip(weights, sources, t, strict=True))
-    torch.testing.assert_close(uniform(d), ref)
+    torch.testing.assert_close(uniform(out).detach(), ref)
 
 
 def test_ab_layer_weights_and_scale_options() -> None:
@@ -346,7 +352,7 @@ def test_fsp_per_sample_matches_the_formula(norm: str, pool: str) -> None:
     s, t = maps(20, *shapes), maps(21, *shapes)  # equal widths: the paper's setting, no connector
     fsp = built(FSP(norm=norm, pool=pool), s, t)
     assert all(isinstance(c, nn.Identity) for c in fsp.connectors)
-    d = fsp(s, t, batch())
+    d = _v(fsp(s, t, batch()))
     assert d.shape == (B, 2)
     down = avg_pool_2x2 if pool == "avg" else max_pool_2x2
     for i in range(B):
@@ -355,7 +361,7 @@ def test_fsp_per_sample_matches_the_formula(norm: str, pool: str) -> None:
         for j, ((a_s, b_s), (a_t, b_t)) in enumerate(pairs):
             sq = (paper_fsp(a_s, b_s) - paper_fsp(a_t, b_t)) ** 2
             value = sq.mean() if norm == "mse" else sq.sum()
-            assert float(d[i, j]) == pytest.approx(2 * float(value), rel=1e-5)
+            assert float(d[i, j]) == pytest.approx(float(value), rel=1e-5)
 
 
 def test_fsp_uniform_equals_repdistillers_batch_loss_and_connectors() -> None:
@@ -397,7 +403,7 @@ def test_vid_splits_the_gaussian_nll_into_weighted_and_unweighted_parts(init_var
         for j in range(2):
             weighted = sum(float(((means[j][i, c] - t[j][i, c]) ** 2).mean() / variances[j][c])
                            for c in range(t[j].shape[1])) / t[j].shape[1] / 2
-            assert float(d.value[i, j].detach()) == pytest.approx(2 * weighted, rel=1e-5)
+            assert float(d.value[i, j].detach()) == pytest.approx(weighted, rel=1e-5)
     log_part = sum(float(torch.log(v).mean()) / 2 for v in variances)
     assert float(d.unweighted.detach()) == pytest.approx(log_part, rel=1e-5)
     assert (float(d.unweighted.detach()) < 0) == (init_var < 1)  # the signed part; d itself stays >= 0

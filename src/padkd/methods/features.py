@@ -96,9 +96,8 @@ class FitNet(Method):
 # Methods on lists of feature maps (AT, NST, AB, FSP, VID) and factor transfer (FT).
 #
 # A term may tap several layers (`student: [features.0, features.1]`); these methods then return one
-# element per layer (or per layer pair), each multiplied by the number of elements P, so that the
-# `uniform` weighting's mean over elements is the sum over layers that RepDistiller and mdistiller
-# take, and the CRD benchmark's β keeps its meaning.
+# element per layer (or per layer pair), parts that add up (`sum_elements`): a sample's discrepancy is
+# the sum over layers that RepDistiller and mdistiller take, and the CRD benchmark's β keeps its meaning.
 # When the two maps of a comparison differ in height/width, both are pooled to the smaller height and
 # width (adaptive average pooling, as RepDistiller does for square maps; FSP can max-pool instead).
 
@@ -139,9 +138,9 @@ def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _parts(per_part: list[Tensor]) -> Tensor:
-    """`[B]` values of P parts → `[B, P]`, scaled by P (the uniform mean over parts is their sum)."""
-    return torch.stack(per_part, dim=1) * len(per_part)
+def _parts(per_part: list[Tensor], unweighted: Tensor | None = None) -> Discrepancy:
+    """`[B]` values of P parts (layers, layer pairs) → `[B, P]` parts that add up to the sample's loss."""
+    return Discrepancy(torch.stack(per_part, dim=1), unweighted=unweighted, sum_elements=True)
 
 
 def _example_maps(batch_size: int, generator: torch.Generator, channels: tuple[int, ...],
@@ -184,7 +183,7 @@ class AT(Method):
         """`[B, C, H, W]` → the L2-normalised attention map `[B, H·W]` (fp32)."""
         return F.normalize(f.float().abs().pow(self.p).mean(1).flatten(1), dim=1)
 
-    def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
         parts = []
         for s, t in zip(_layers(student), _layers(teacher), strict=True):
             s, t = _common_size(s, t)
@@ -230,7 +229,7 @@ class NST(Method):
         with _no_autocast(a):
             return (a @ b.transpose(1, 2) + self.coef).pow(self.degree).mean(dim=(1, 2))
 
-    def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
         parts = []
         for s, t in zip(_layers(student), _layers(teacher), strict=True):
             s, t = _common_size(s, t)
@@ -303,7 +302,7 @@ class AB(Method):
             else _he_connector(s.shape[1], t.shape[1], batchnorm=True)
             for s, t in zip(s_maps, t_maps, strict=True))
 
-    def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
         parts = []
         for s, t, connector, w in zip(_layers(student), _layers(teacher), self.connectors, self.weights,
                                       strict=True):
@@ -491,7 +490,7 @@ class FSP(Method):
                 out.append(a @ b.transpose(1, 2) / a.shape[2])
         return out
 
-    def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor:  # type: ignore[override]
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
         s_maps = [c(x) for c, x in zip(self.connectors, _layers(student), strict=True)]
         parts = []
         for gs, gt in zip(self.matrices(s_maps), self.matrices(_layers(teacher)), strict=True):
@@ -566,4 +565,4 @@ class VID(Method):
             mu = regressor(s).float()
             parts.append(0.5 * ((mu - t.float()).pow(2) / var.view(1, -1, 1, 1)).flatten(1).mean(1))
             log_var.append(0.5 * var.log().mean())
-        return Discrepancy(_parts(parts), unweighted=torch.stack(log_var).sum())
+        return _parts(parts, unweighted=torch.stack(log_var).sum())
