@@ -614,3 +614,19 @@ def test_carry_loads_what_the_previous_stage_had_and_keeps_new_modules_fresh():
     wide = Distiller(student_mlp(width=5), teacher, terms=[Term("h", Hint(), student="fc:in", teacher="fc:in")])
     with pytest.raises(PadkdError, match="cannot carry.*carry: false"):
         wide.prepare(mlp_batch(), previous=first)
+
+
+def test_a_tap_overwritten_by_an_in_place_op_is_an_error_and_copy_keeps_it():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.ReLU(inplace=True)).eval()
+    x = torch.randn(4, 3)
+    taps = Taps(model, {"1"}, "student")
+    with taps.capture():
+        model(x)
+    with pytest.raises(PadkdError, match=r"changed in place .* tap '1:copy'"):
+        taps.values(None)
+    copying = Taps(model, {"1:copy"}, "student")
+    with copying.capture():
+        model(x)
+    preact = copying.values(None)["1:copy"]
+    torch.testing.assert_close(preact, model[1](model[0](x)))
+    assert (preact < 0).any()  # the pre-activation, not the ReLU's output

@@ -16,15 +16,15 @@ B, D, E = 8, 5, 3
 
 
 def exact_pad(in_dim: int = D, out_dim: int = E, mode: str = "per_element", **kw) -> PAD:
-    """PAD with the exact formula (eps 0, no floor) and a random head."""
-    opts = dict(mode=mode, eps=0.0, init="reference", log_var_floor=None, warmup_steps=0)
+    """PAD with the exact formula (eps negligible, no floor) and a random head."""
+    opts = dict(mode=mode, eps=1e-30, init="reference", log_var_floor=None, warmup_steps=0)
     opts.update(kw)
     return PAD(in_dim, out_dim, **opts)
 
 
 def identity_head_pad(dim: int, mode: str = "per_element", **kw) -> PAD:
     """PAD whose head returns its input unchanged in eval mode: log_var(s) == s."""
-    opts = dict(eps=0.0, init="reference", log_var_floor=None, warmup_steps=0)
+    opts = dict(eps=1e-30, init="reference", log_var_floor=None, warmup_steps=0)
     opts.update(kw)
     pad = PAD(dim, dim, mode=mode, **opts)
     linear, bn = pad.head

@@ -1,6 +1,8 @@
-"""`padkd` console script: train, eval, demo, list, export.
+"""`padkd` console script: train, eval, export, import-teacher, list, demo.
 
-User errors (PadkdError) print one line `padkd: error: ...` and exit with status 2, no traceback.
+User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
+2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
+run directory when there is one) and exits with status 1.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from padkd import __version__
+from padkd.engine.logging import finite_json
 from padkd.errors import PadkdError
 
 
@@ -19,10 +23,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from padkd.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    args.run_dir = Path(cfg.output_dir)  # where a crash report goes
     trainer = Trainer(cfg, resume=args.resume, quiet=args.quiet)
     result = trainer.run()
     if trainer.main:
-        print(json.dumps({"run_dir": str(result.run_dir), **result.final}, indent=2))
+        print(json.dumps(finite_json({"run_dir": str(result.run_dir), **result.final}), indent=2))
     return 0
 
 
@@ -54,7 +59,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise PadkdError(f"--split {args.split}: {err}") from None
     result = evaluate(task, model, loader)
-    print(json.dumps({"checkpoint": str(ckpt.resolve(path)), "split": args.split, **result}, indent=2))
+    print(json.dumps(finite_json({"checkpoint": str(ckpt.resolve(path)), "split": args.split, **result}), indent=2))
     return 0
 
 
@@ -63,6 +68,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     source = ckpt.resolve(Path(args.checkpoint))
     state = ckpt.load(source)
+    output = Path(args.output)
+    if output.is_dir():
+        raise PadkdError(f"-o '{output}' is a directory; name the file to write, e.g. {output / 'student.pt'}")
+    if output.exists() and (output.resolve() == source.resolve() or _is_run_checkpoint(output)):
+        raise PadkdError(f"-o '{output}' is a run's training checkpoint; exporting over it would destroy the run's "
+                         "state: write the export elsewhere")
     exported = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "export", "model": state["model"],
                 "student": state["student"]}
     ckpt.atomic_save(exported, Path(args.output))
@@ -70,6 +81,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
           f"{dropped} distillation-only tensors such as PAD heads left out)")
     return 0
+
+
+def _is_run_checkpoint(path: Path) -> bool:
+    from padkd.engine import checkpoint as ckpt
+
+    try:
+        return ckpt.load(path).get("kind") == "run"
+    except PadkdError:
+        return False
 
 
 def _defaults(factory: object) -> str:
@@ -127,6 +147,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="padkd", description="Prime-Aware Adaptive Distillation toolkit")
+    parser.add_argument("--version", action="version", version=f"padkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config")
@@ -174,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _crash_report(args: argparse.Namespace) -> Path:
+    """Write the current exception's traceback to the run directory (else a temporary file); its path."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = getattr(args, "run_dir", None)
+    text = f"padkd {__version__}, {' '.join(sys.argv)}\n\n{traceback.format_exc()}"
+    name = f"padkd-crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    for target in ([Path(folder)] if folder is not None else []) + [Path(tempfile.gettempdir())]:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text(text)
+            return target / name
+        except OSError:
+            continue
+    return Path("(nowhere: no writable folder)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -187,9 +227,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"padkd: error: {err}", file=sys.stderr)
         return 130 if isinstance(err, Interrupted) else 2
+    except OSError as err:  # the file system said no: a read-only folder, a full disk, a path below a file
+        where = f"'{err.filename}': " if err.filename else ""
+        print(f"padkd: error: {where}{err.strerror or err}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("padkd: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001  (one line, and the full story on disk for a bug report)
+        report = _crash_report(args)
+        print(f"padkd: internal error: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}; the full "
+              f"traceback is in {report}; please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Every error names the key path and the fix: `stages[0].optimizer.lrr: unknown ke
 from __future__ import annotations
 
 import json
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,9 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from padkd.errors import PadkdError, did_you_mean
 from padkd.validate import check_components
 
+#: Limits on what is parsed, so a hostile or careless file fails fast with one line: its size, how deep
+#: it nests, and how many nodes it expands to once aliases are followed (a "billion laughs" bomb).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 10_000
+MAX_DEPTH = 40
+MAX_NODES = 100_000
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Component(BaseModel):
@@ -86,17 +94,24 @@ class TermConfig(Strict):
 
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = 0.9
+    lr: float = Field(0.05, gt=0, le=1e6)
+    momentum: float = Field(0.9, ge=0, le=1)
     nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     betas: tuple[float, float] = (0.9, 0.999)
+
+    @pydantic.field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("Adam betas must each be in [0, 1)")
+        return value
 
 
 class SchedulerConfig(Strict):
     name: Literal["constant", "multistep", "cosine"] = "cosine"
     milestones: list[int] = Field(default_factory=list)
-    gamma: float = 0.1
+    gamma: float = Field(0.1, gt=0)
     warmup_epochs: float = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
 
@@ -158,7 +173,7 @@ class Config(Strict):
 
     name: str = "run"
     output_dir: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
@@ -235,9 +250,15 @@ def _format_error(err: pydantic.ValidationError) -> str:
         return f"{where}: unknown key{did_you_mean(str(loc[-1]), allowed)}"
     if first["type"] == "missing":
         return f"{where}: required key is missing"
-    if first["type"] == "literal_error":
-        return f"{where}: {first['msg']} (got {first.get('input')!r})"
-    return f"{where}: {first['msg']} (got {first.get('input')!r})"
+    return f"{where}: {first['msg']} (got {short_repr(first.get('input'))})"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: error messages never echo a whole (expanded) document."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
@@ -257,11 +278,14 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise PadkdError(f"override '{assignment}': expected key=value, e.g. stages.0.epochs=5")
     key, _, text = assignment.partition("=")
+    if len(assignment) > MAX_OVERRIDE_CHARS:
+        raise PadkdError(f"override '{assignment[:40]}...': longer than {MAX_OVERRIDE_CHARS} characters; put it in "
+                         "the config file")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = safe_yaml(text, f"override '{key}'") if text else None
     except yaml.YAMLError as err:
-        raise PadkdError(f"override '{assignment}': the value is not valid YAML ({getattr(err, 'problem', err)}); "
-                         "quote it, e.g. name='[x'") from None
+        raise PadkdError(f"override '{short_repr(assignment)}': the value is not valid YAML "
+                         f"({getattr(err, 'problem', err)}); quote it, e.g. name='[x'") from None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):
@@ -282,9 +306,77 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
             raise PadkdError(f"override '{key}': '{'.'.join(parts[:i])}' is not a mapping or list")
 
 
-def _read_yaml(path: Path) -> Any:
+class _LimitedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents nested deeper than MAX_DEPTH while composing them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            mark = self.peek_event().start_mark
+            raise _TooLarge(f"nested more than {MAX_DEPTH} levels deep (line {mark.line + 1})")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _TooLarge(Exception):
+    """A document over the limits; the message says which."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], path: set[int]) -> int:
+    """Nodes of the document once every alias is expanded (memoised: linear in the unique nodes)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in path:
+        raise _TooLarge("an alias refers to a node that contains it (a recursive structure)")
+    path.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo, path) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, path) + _expanded_size(v, memo, path) for k, v in node.value)
+    else:
+        size = 1
+    path.discard(key)
+    if size > MAX_NODES:
+        raise _TooLarge(f"expands to more than {MAX_NODES} values once its aliases are followed")
+    memo[key] = size
+    return size
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """Parse YAML with safe_load's rules (no tags, no code) within the depth and expansion limits."""
+    loader = _LimitedLoader(text)
     try:
-        return yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    except _TooLarge as err:
+        raise PadkdError(f"{where}: refused: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise PadkdError(f"{path}: {size:,} bytes is too large for a config (limit {MAX_CONFIG_BYTES:,}); "
+                         "is it the right file?")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PadkdError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "save the file as UTF-8") from None
+    try:
+        return safe_yaml(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

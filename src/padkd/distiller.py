@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo, Features
 from padkd.discrepancy import Discrepancy
-from padkd.errors import PadkdError
+from padkd.errors import PadkdError, did_you_mean
 from padkd.methods.base import Method
 from padkd.taps import OUTPUT, Taps, default_embedding
 from padkd.tasks.base import Task
@@ -266,10 +266,18 @@ class Distiller(nn.Module):
         teacher_out = t_values[OUTPUT] if t_values is not None else None
         return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records)
 
+    def check_trainable(self, trainable: list[str] | None) -> None:
+        """Every entry of a stage's `trainable` list must name a module of the student (ValueError)."""
+        modules = dict(self.student.named_modules())
+        for path in trainable or []:
+            if path not in modules or not path:
+                raise ValueError(f"no student module '{path}'{did_you_mean(path, [m for m in modules if m])}")
+
     def param_groups(self, trainable: list[str] | None = None) -> list[dict[str, Any]]:
         """Optimizer groups: the student's trainable parameters (all, or those under the module paths
         in `trainable`), then each term's modules at `lr_scale` (0 = frozen, left out). Parameters left
         out get `requires_grad=False` for this stage, so no gradient is computed for them."""
+        self.check_trainable(trainable)
         groups = []
         student = []
         for name, p in self.student.named_parameters():

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
 class PadkdError(Exception):
-    """An error caused by the user's input (config, paths, checkpoints); shown without a traceback."""
+    """An error caused by the user's input (config, paths, checkpoints); shown without a traceback, on one
+    line: newlines in the message (from a parser's own text, say) become spaces."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
 
 
 class NonFiniteLossError(PadkdError):

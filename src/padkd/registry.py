@@ -8,6 +8,7 @@ arguments against the factory's signature and types (pydantic), so a typo in a Y
 from __future__ import annotations
 
 import inspect
+import reprlib
 import typing
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -17,6 +18,8 @@ import pydantic
 from padkd.errors import PadkdError, did_you_mean
 
 T = TypeVar("T")
+#: Options are finite numbers: NaN or inf in a config is a mistake, not a setting.
+_NO_INF_NAN = pydantic.ConfigDict(allow_inf_nan=False)
 
 
 class Registry(Generic[T]):
@@ -79,10 +82,10 @@ def validate_options(factory: Callable[..., Any], options: dict[str, Any], where
             out[key] = value
             continue
         try:
-            out[key] = pydantic.TypeAdapter(hints[key]).validate_python(value)
+            out[key] = pydantic.TypeAdapter(hints[key], config=_NO_INF_NAN).validate_python(value)
         except pydantic.ValidationError as err:
             msg = err.errors()[0]["msg"]
-            raise PadkdError(f"{where}.{key}: {msg} (got {value!r})") from None
+            raise PadkdError(f"{where}.{key}: {msg} (got {reprlib.repr(value)})") from None
     return out
 
 

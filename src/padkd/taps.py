@@ -3,6 +3,8 @@
 A tap path names what to read from a forward:
 - `"output"`: the value the task's forward returned (logits, embeddings, a loss dict);
 - `"layer3.1"`: that module's output; `"fc:in"`: its first input (e.g. the pooled embedding);
+  `"bn1:copy"`: a copy of its output, for a value that a later in-place op (an in-place ReLU)
+  overwrites — a plain tap to such a value is an error that says so;
 - an alias the model declares in its `padkd_taps` mapping (`"stage3"`, `"pooled"`, `"preact2"`), so
   one recipe runs across architectures; module paths keep working;
 - `"relu#1"`: the second call of a module that runs several times in one forward, `"relu#*"` the list
@@ -19,12 +21,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from padkd.batch import tree_leaves, tree_map
 from padkd.errors import PadkdError, did_you_mean
 
 OUTPUT = "output"
+
+
+def _versions(tree: Any) -> tuple[int, ...] | None:
+    """In-place modification counters of a pytree's tensors (None while compiling: not traceable)."""
+    if torch.compiler.is_compiling():
+        return None
+    return tuple(t._version for t in tree_leaves(tree))
 
 
 def aliases(model: nn.Module) -> dict[str, str]:
@@ -52,6 +63,7 @@ class TapPath:
     module: str
     want_input: bool
     call: int | None
+    copy: bool = False
 
     @classmethod
     def parse(cls, text: str, model: nn.Module, role: str) -> TapPath:
@@ -60,14 +72,14 @@ class TapPath:
         path, _, alias_call = path.partition("#")  # an alias may name one call itself
         call_text = call_text or alias_call
         name, _, which = path.partition(":")
-        if which not in ("", "in"):
-            raise PadkdError(f"{role} tap '{text}': suffix must be ':in' or nothing")
+        if which not in ("", "in", "copy"):
+            raise PadkdError(f"{role} tap '{text}': suffix must be ':in', ':copy' or nothing")
         call: int | None = None
         if call_text:
             if call_text != "*" and not call_text.isdigit():
                 raise PadkdError(f"{role} tap '{text}': '#' must be followed by a call number or '*'")
             call = -1 if call_text == "*" else int(call_text)
-        return cls(text, name, which == "in", call)
+        return cls(text, name, which == "in", call, copy=which == "copy")
 
 
 class Taps:
@@ -84,13 +96,16 @@ class Taps:
             if tap.module not in modules:
                 hint = did_you_mean(tap.module, list(modules) + list(aliases(model)))
                 raise PadkdError(f"{role} tap '{tap.text}': no module '{tap.module}'{hint}")
+        copied = {tap.module for tap in self.paths.values() if tap.copy}
         for name in sorted({tap.module for tap in self.paths.values()}):
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            self._handles.append(modules[name].register_forward_hook(self._hook(name, name in copied)))
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+    def _hook(self, name: str, copy: bool):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             if self._recording:
-                self._calls.setdefault(name, []).append((inputs[0] if inputs else None, output))
+                first = inputs[0] if inputs else None
+                kept = tree_map(torch.Tensor.clone, output) if copy else output
+                self._calls.setdefault(name, []).append((first, output, kept, (_versions(first), _versions(output))))
 
         return hook
 
@@ -110,7 +125,11 @@ class Taps:
         values: dict[str, Any] = {OUTPUT: output}
         for text, tap in self.paths.items():
             made = calls.get(tap.module, [])
-            picked = [c[0] if tap.want_input else c[1] for c in made]
+            side = 0 if tap.want_input else 1
+            if not tap.copy and any(c[3][side] is not None and _versions(c[side]) != c[3][side] for c in made):
+                raise PadkdError(f"{self.role} tap '{text}': the value was changed in place later in the forward (an "
+                                 f"in-place ReLU after '{tap.module}'?); tap '{tap.module}:copy' to keep a copy of it")
+            picked = [c[0] if tap.want_input else (c[2] if tap.copy else c[1]) for c in made]
             if tap.call == -1:
                 values[text] = picked
             elif tap.call is not None:

@@ -229,6 +229,10 @@ class PAD(Weighting):
             raise ValueError(f"PAD mode must be 'per_element' or 'per_sample', got {mode!r}")
         if init not in ("data", "reference"):
             raise ValueError(f"PAD init must be 'data' or 'reference', got {init!r}")
+        if not eps > 0:
+            raise ValueError(f"PAD eps must be > 0 (it keeps 1/σ² finite), got {eps}")
+        if warmup_steps < 0:
+            raise ValueError(f"PAD warmup_steps must be >= 0, got {warmup_steps}")
         if clamp is not None and clamp[0] >= clamp[1]:
             raise ValueError(f"PAD clamp must be (low, high) with low < high, got {clamp}")
         self.mode = mode

@@ -24,8 +24,11 @@ MEAN, STD = 0.1307, 0.3081
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (big-endian header: magic with dtype code and rank, then the dims)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:  # a truncated or non-gzip .gz
+        raise PadkdError(f"{path}: cannot be read ({type(err).__name__}: {err}); replace the file") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise PadkdError(f"{path}: not an IDX file (bad magic number)")
     dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -52,6 +55,22 @@ def _find(root: Path, name: str) -> Path:
     )
 
 
+def _check_pair(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """The images are `[N, H, W]`, N > 0, with one label in 0..9 each."""
+    name = FILES[f"{split}_images"]
+    if images.ndim != 3:
+        raise PadkdError(f"{root}: MNIST {split} images must be a rank-3 IDX array [N, H, W], got shape "
+                         f"{images.shape} in {name}; replace the file")
+    if len(images) == 0:
+        raise PadkdError(f"{root}: MNIST {split} images hold no image ({name}); replace the file")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise PadkdError(f"{root}: MNIST {split} has {len(images)} images but labels of shape {labels.shape}; "
+                         "the image and label files must come from the same release")
+    if labels.min() < 0 or labels.max() > 9:
+        raise PadkdError(f"{root}: MNIST {split} labels must be 0..9, found {int(labels.min())}..{int(labels.max())}; "
+                         "replace the label file")
+
+
 @DATASETS.register("mnist")
 def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0) -> DataSplits:
     """MNIST from local IDX files; `val_size` training images (fixed by `split_seed`) become the
@@ -60,6 +79,13 @@ def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, spli
     if not base.is_dir():
         raise PadkdError(f"data.root: '{base}' is not a directory; set data.root to your MNIST folder")
     arrays = {key: read_idx(_find(base, name)) for key, name in FILES.items()}
+    for split in ("train", "test"):
+        _check_pair(base, split, arrays[f"{split}_images"], arrays[f"{split}_labels"])
+    if not 0 <= val_size < len(arrays["train_labels"]):
+        raise PadkdError(f"data.val_size {val_size} must be at least 0 and smaller than the "
+                         f"{len(arrays['train_labels'])} training images")
+    if train_subset is not None and train_subset < 1:
+        raise PadkdError(f"data.train_subset must be a positive number of images, got {train_subset}")
 
     def images(a: np.ndarray) -> torch.Tensor:
         return (torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0 - MEAN) / STD

@@ -1,12 +1,18 @@
 """Checkpoints: full training state, written atomically, loaded with `weights_only=True`.
 
-The LR schedule is a pure function of the step, so the step in `progress` is its whole state.
+The LR schedule is a pure function of the step, so the step in `progress` is its whole state. A file
+is written to a temporary file created exclusively (O_EXCL, a random name holding the writer's pid) in
+the target folder, fsynced, renamed over the target, and the folder is fsynced: a reader sees the old
+file or the new one, never a torn one, and a planted symlink is never followed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +24,116 @@ from padkd.config import Component
 from padkd.errors import PadkdError
 
 FORMAT = "padkd-checkpoint"
-VERSION = 1
+VERSION = 2
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:  # some file systems cannot fsync a directory; the rename is still atomic
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to an exclusively created temporary file beside `path`, fsync, rename over `path`,
+    fsync the folder. On any failure the previous file is untouched and the temporary file removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load a padkd checkpoint or export safely; a clear error for anything else."""
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files that a killed writer left in `folder` (their pid no longer runs)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TMP.match(path.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+#: What each kind of file must hold, beside the header: key → type.
+_REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "export": {"model": dict, "student": dict},
+    "run": {"model": dict, "student": dict, "terms": dict, "optimizer": dict, "progress": dict, "rng": dict},
+}
+
+
+def load(path: Path, kind: str | None = None) -> dict[str, Any]:
+    """Load a padkd checkpoint or export safely and check its structure; `kind` ("run") demands one kind.
+    Anything else gets one line saying what the file is not."""
     if not path.is_file():
         raise PadkdError(f"checkpoint '{path}' not found; pass a .pt file written by padkd or a run directory")
+    if path.stat().st_size == 0:
+        raise PadkdError(f"'{path}' is empty (0 bytes: a write that never finished?); use another checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (any unpickling failure means: not our file)
-        raise PadkdError(f"'{path}' is not a readable padkd checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from None
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise PadkdError(f"'{path}' is not a readable padkd checkpoint ({type(err).__name__}"
+                         f"{': ' + detail if detail else ''})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise PadkdError(f"'{path}' is not a padkd checkpoint (no '{FORMAT}' header); "
                          "export plain weights with `padkd export` or train with padkd")
+    found = obj.get("kind")
+    if found not in _REQUIRED:
+        raise PadkdError(f"'{path}' is a padkd file of unknown kind {found!r}; expected a run checkpoint or an export")
+    if kind is not None and found != kind:
+        raise PadkdError(f"'{path}' is a padkd {found}, not a {kind} checkpoint; --resume needs "
+                         "checkpoints/last.pt of a run")
+    if found == "run" and obj.get("version") != VERSION:
+        raise PadkdError(f"'{path}' was written by another padkd version (format {obj.get('version')}, this is "
+                         f"{VERSION}); resume it with that version, or export its student and start anew")
+    for key, types in _REQUIRED[found].items():
+        if not isinstance(obj.get(key), types):
+            raise PadkdError(f"'{path}' is a malformed padkd {found}: '{key}' is missing or of the wrong type")
+    bad = [k for k, v in obj["student"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise PadkdError(f"'{path}' is a malformed padkd {found}: its student holds non-tensor entries "
+                         f"({str(bad[0])[:60]})")
     return obj
+
+
+def non_finite(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of a (nested) state that holds NaN or inf, else None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                return str(key)
+        elif isinstance(value, dict):
+            inner = non_finite(value)
+            if inner is not None:
+                return f"{key}.{inner}"
+    return None
 
 
 def resolve(path: Path) -> Path:
@@ -78,6 +163,10 @@ def load_model_weights(model: nn.Module, path: Path, component: Component, where
     if found != expected:
         raise PadkdError(f"{where}.checkpoint '{path}' holds model {found}, but {where}.model is {expected}; "
                          f"point {where}.checkpoint at a checkpoint of that architecture or fix {where}.model")
+    bad = non_finite(ckpt["student"])
+    if bad is not None:
+        raise PadkdError(f"{where}.checkpoint '{path}' holds NaN/inf weights ('{bad}'); use a checkpoint of a "
+                         "run that did not diverge")
     load_state_strict(model, ckpt["student"], f"{where}.checkpoint '{path}'")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -24,10 +25,14 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def event(self, record: dict[str, Any], step: int | None = None) -> None:
+        """Append one event as strict JSON (NaN and inf become null); one write, then fsync."""
         if not self.enabled:
             return
+        line = json.dumps(finite_json(record), allow_nan=False) + "\n"
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None and step is not None:
             for key, value in _flatten(record).items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
@@ -44,8 +49,11 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash or a full disk: the replay writes it again
+                continue
             if rec.get("event") == "epoch" and (rec["stage"], rec["epoch"]) > (stage, epoch):
                 continue
             if rec.get("event") == "final":
@@ -56,6 +64,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None, so it serialises as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,10 +30,10 @@ from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
 from padkd.engine import checkpoint as ckpt
 from padkd.engine import distributed as ddp
-from padkd.engine import records
+from padkd.engine import records, rundir
 from padkd.engine.evaluate import evaluate
 from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
-from padkd.engine.logging import MetricsLog, progress_bar, show_progress
+from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_progress
 from padkd.engine.stage import StageRun
 from padkd.errors import NonFiniteLossError, PadkdError
 
@@ -105,6 +105,13 @@ class _NonFiniteWatch:
         return self.names[int(self.first.float().argmax())], int(self.step)
 
 
+def _shapes(tree: Any) -> str:
+    """Shapes of a pytree's tensors, for messages."""
+    from padkd.batch import tree_leaves
+
+    return ", ".join(str(list(t.shape)) for t in tree_leaves(tree)[:4])
+
+
 class Trainer:
     """Runs a Config end to end. `callbacks` are called after every optimizer step with the global step."""
 
@@ -124,39 +131,37 @@ class Trainer:
         self.task = build_task(cfg.task)
         self.progress = Progress()
         self._stop_requested = False
+        self._lock = rundir.RunLock(self.run_dir)
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}
 
     # ------------------------------------------------------------------ set-up
-    def _check_run_dir(self) -> None:
-        """Refuse an output_dir that holds another run (or, on resume, a run of another config)."""
-        config_path = self.run_dir / "config.yaml"
-        if config_path.exists():
-            if not self.resume:
-                raise PadkdError(f"output_dir '{self.run_dir}' already holds a run; pass --resume to continue "
-                                 "it, or set another output_dir (e.g. output_dir=runs/new)")
-            if config_path.read_text() != dump_config(self.cfg):
-                raise PadkdError(f"output_dir '{self.run_dir}' holds a run with a different config; resume needs "
-                                 "the same config and overrides, or set another output_dir")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise PadkdError(f"output_dir '{self.run_dir}' is not empty and holds no padkd run; "
-                             "choose an empty or new directory")
-
     def _resume_state(self) -> dict[str, Any] | None:
-        """The checkpoint to continue from (resume only); rank 0 checks the directory for every rank."""
+        """Lock and check the run directory (rank 0, for every rank) and return the checkpoint to continue
+        from (resume only), with `best.pt` repaired if a kill fell between the epoch's two writes."""
         error = None
+        state: dict[str, Any] | None = None
         if self.main:
             try:
-                self._check_run_dir()
+                self._lock.acquire()
+                self._resume_changes = rundir.check(self.run_dir, dump_config(self.cfg), self.resume)
+                ckpt.remove_stale_temporaries(self.run_dir / "checkpoints")
+                last = self.run_dir / "checkpoints" / "last.pt"
+                if self.resume and last.exists():
+                    state = ckpt.load(last, kind="run")
+                    if rundir.repair_best(self.run_dir, state):
+                        log.warning("best.pt was older than the best epoch last.pt names (a kill between the two "
+                                    "writes): repaired from last.pt")
             except PadkdError as err:
                 error = str(err)
         error = ddp.broadcast_object(error)
         if error:
             raise PadkdError(error)
         last = self.run_dir / "checkpoints" / "last.pt"
-        if self.resume and last.exists():
-            return ckpt.load(last)
-        if self.resume and self.main:
+        if not self.main and self.resume and last.exists():
+            state = ckpt.load(last, kind="run")
+        if self.resume and state is None and self.main:
             log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
-        return None
+        return state
 
     def _loader(self, split: str, train: bool) -> DeviceLoader:
         return make_loader(self.cfg, self.data, split, train=train, collate=self.task.collate, device=self.device,
@@ -179,6 +184,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ main entry
     def run(self) -> RunResult:
+        """Train every stage (from the last checkpoint with `resume`) and evaluate; holds the run
+        directory's lock throughout."""
+        try:
+            return self._run()
+        finally:
+            self._lock.release()
+
+    def _run(self) -> RunResult:
         cfg = self.cfg
         state = self._resume_state()
         seed_everything(cfg.seed, cfg.deterministic)
@@ -192,19 +205,24 @@ class Trainer:
         if state is not None:
             ckpt.load_state_strict(student, state["student"], "checkpoints/last.pt")
             self.progress = Progress(**state["progress"])
-        if self.main:  # written once set-up has succeeded, so a failed start leaves the directory reusable
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        ddp.barrier()
-        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
-        if state is not None:
-            self.metrics.keep_until(self.progress.stage, self.progress.epoch)
         self.eval_loaders = {s: self._loader(s, train=False) for s in ("val", "test")
                              if s != "val" or self.data.val is not None}
         self.train_loader = self._loader("train", train=True)
         if len(self.train_loader) == 0:
             raise PadkdError(f"data.batch_size {cfg.data.batch_size} is larger than the training split "
                              f"({len(self.data.train)} samples per rank); lower data.batch_size")
+        self._check_setup(student, teacher)
+        if self.main:  # written once set-up has succeeded, so a failed start leaves the directory reusable
+            if state is None:  # a start that failed earlier may have left a log behind
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        ddp.barrier()
+        self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
+        if state is not None:
+            self.metrics.keep_until(self.progress.stage, self.progress.epoch)
+            if self._resume_changes:
+                self.metrics.event({"event": "resume", "changes": {k: {"was": a, "now": b} for k, (a, b)
+                                                                   in self._resume_changes.items()}})
         if teacher is not None and state is None:
             splits = [s for s in self.eval_loaders if s == "val" or cfg.eval_test]
             self.metrics.event({"event": "teacher", **{s: evaluate(self.task, teacher, self.eval_loaders[s])
@@ -224,6 +242,37 @@ class Trainer:
             restore_signals()
             self.metrics.close()
         return RunResult(self.run_dir, final)
+
+    def _check_setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Before anything is written: one forward of each model on an example batch (a shape error becomes
+        one line naming the model), then every stage's distiller built once (taps, weightings against their
+        methods, the modules a stage trains), so a bad option of stage 2 stops the run before stage 1."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            example = example_batch(self.cfg, self.data, self.task.collate, self.train_loader)
+            for where, model, ref in (("student", student, self.cfg.student), ("teacher", teacher, self.cfg.teacher)):
+                if model is None or ref is None:
+                    continue
+                was_training = model.training
+                model.eval()
+                try:
+                    with torch.no_grad():
+                        self.task.forward(model, example, training=False)
+                except (RuntimeError, ValueError, IndexError) as err:
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                    raise PadkdError(f"{where}.model '{ref.model.name}' cannot take this data's inputs "
+                                     f"({_shapes(example.inputs)}): {first}; fix {where}.model's options") from None
+                finally:
+                    model.train(was_training)
+        for index, stage in enumerate(self.cfg.stages):
+            if index < self.progress.stage:
+                continue
+            distiller = build_distiller(self.cfg, stage, student, teacher, self.task, f"stages[{index}]")
+            try:
+                distiller.check_trainable(stage.trainable)
+            except ValueError as err:
+                raise PadkdError(f"stages[{index}].trainable: {err}") from None
+            finally:
+                distiller.close()
 
     def _install_signals(self) -> Callable[[], None]:
         """Ctrl-C/SIGTERM request a stop at the next step boundary; returns the handlers' restorer.
@@ -336,23 +385,30 @@ class Trainer:
                              progress.global_step)
         return True
 
+    def _kept(self) -> str:
+        return (f"the last good checkpoint is kept in {self.run_dir}/checkpoints"
+                if (self.run_dir / "checkpoints" / "last.pt").exists() else "no checkpoint was written yet")
+
+    def _advice(self) -> str:
+        if not (self.run_dir / "checkpoints" / "last.pt").exists():
+            return "lower the learning rate or the term's weight (and consider PAD's log_var_floor or warmup_steps)"
+        stage = self.progress.stage
+        return (f"continue from it with a lower learning rate: the same command plus --resume "
+                f"stages.{stage}.optimizer.lr=<lower>, or lower the term's weight in a new output_dir")
+
     def _raise_if_non_finite(self, watch: _NonFiniteWatch, stage: StageConfig) -> None:
         found = watch.bad()
         if found is None:
             return
         name, step = found
-        kept = (f"the last good checkpoint is kept in {self.run_dir}/checkpoints"
-                if (self.run_dir / "checkpoints" / "last.pt").exists() else "no checkpoint was written yet")
-        raise NonFiniteLossError(
-            f"loss '{name}' became NaN/inf in stage '{stage.name}' at global step {step}; {kept}; lower the "
-            "learning rate or the term's weight (and consider PAD's log_var_floor or warmup_steps), then train "
-            "again in a new output_dir"
-        )
+        raise NonFiniteLossError(f"loss '{name}' became NaN/inf in stage '{stage.name}' at global step {step}; "
+                                 f"{self._kept()}; {self._advice()}")
 
-    def _improved(self, value: float) -> bool:
-        best = self.progress.best_metric
-        if not math.isfinite(value):
+    def _improved(self, val: dict[str, float]) -> bool:
+        """Whether `val` beats the best so far; never when any of its metrics is NaN or inf."""
+        if not all(math.isfinite(v) for v in val.values() if isinstance(v, int | float)):
             return False
+        best, value = self.progress.best_metric, val[self.task.primary_metric]
         if best is None:
             return True
         return value > best if self.task.higher_is_better else value < best
@@ -366,30 +422,39 @@ class Trainer:
         val = evaluate(self.task, self.student, self.eval_loaders["val"]) if "val" in self.eval_loaders else None
         progress.epoch += 1
         progress.batch = 0
-        improved = val is not None and self._improved(val[self.task.primary_metric])
+        improved = val is not None and self._improved(val)
         if improved:
             assert val is not None
             progress.best_metric = val[self.task.primary_metric]
             progress.best_at = [index, progress.epoch]
-        self._save(run, "last")
-        if improved:
-            self._save(run, "best")
         samples = steps_per_epoch * self.cfg.data.batch_size * self.world
         record = {"event": "epoch", "stage": index, "stage_name": stage.name, "epoch": progress.epoch,
                   "global_step": progress.global_step, "lr": run.optimizer.param_groups[0]["lr"], "train": train,
                   "val": val, "time_s": round(seconds, 3), "samples_per_s": round(samples / max(seconds, 1e-9), 1)}
+        # Order matters for a kill at any moment: the event first (a resume from the previous last.pt drops
+        # it and replays the epoch), then last.pt, then best.pt (a resume repairs best.pt from last.pt).
         self.metrics.event(record, step=progress.global_step)
+        self._save(run, "last")
+        if improved:
+            self._save(run, "best")
         if not self.quiet and self.main:
             terms = " ".join(f"{k}={v:.4f}" for k, v in train.items())
             shown = f" val {self.task.summary(val)}" if val is not None else ""
             print(f"[{stage.name}] epoch {progress.epoch}/{stage.epochs} {terms}{shown}", flush=True)
 
     def _save(self, run: StageRun, name: str) -> None:
+        """Write a checkpoint (rank 0); never one that holds NaN/inf weights or state."""
         if not self.main:
             return
         state = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "run",
                  "model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
                  **run.state_dict(), "progress": vars(self.progress).copy(), "rng": ckpt.rng_state()}
+        bad = ckpt.non_finite({"student": state["student"], "terms": state["terms"]})
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"the weights became NaN/inf ('{bad}') in stage '{run.stage.name}' by global step "
+                f"{self.progress.global_step} although the logged losses were finite; {self._kept()}; "
+                f"{self._advice()}")
         ckpt.atomic_save(state, self.run_dir / "checkpoints" / f"{name}.pt")
 
     def _finish(self, student: nn.Module) -> dict[str, Any]:
@@ -406,5 +471,5 @@ class Trainer:
                 final["best"] = evaluate(self.task, student, self.eval_loaders[split])
         self.metrics.event({"event": "final", **final})
         if self.main:
-            (self.run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+            (self.run_dir / "final.json").write_text(json.dumps(finite_json(final), indent=2, allow_nan=False) + "\n")
         return final

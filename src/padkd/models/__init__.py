@@ -28,7 +28,7 @@ class SmallCNN(nn.Module):
         prev = in_channels
         for i, width in enumerate(widths):
             block: list[nn.Module] = [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                      nn.ReLU(inplace=True)]
+                                      nn.ReLU()]  # not in place: `features.k.1` stays the pre-activation
             if i < len(widths) - 1:
                 block.append(nn.MaxPool2d(2))
             blocks.append(nn.Sequential(*block))
