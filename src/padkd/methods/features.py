@@ -295,8 +295,8 @@ class AB(Method):
         for k, s in enumerate(s_maps):
             if self.check_preact and bool((s >= 0).all()):
                 raise ValueError(f"ab: the student's tapped layer {k} has no negative value on the example batch: "
-                                 "AB needs pre-activations (tap the BatchNorm before the ReLU, or NAME:copy where an in-place ReLU "
-                                 "follows), or set check_preact: false")
+                                 "AB needs pre-activations (tap the BatchNorm before the ReLU, or NAME:copy where an "
+                                 "in-place ReLU follows), or set check_preact: false")
         self.connectors = nn.ModuleList(
             nn.Identity() if self.connector_kind == "auto" and s.shape[1] == t.shape[1]
             else _he_connector(s.shape[1], t.shape[1], batchnorm=True)
