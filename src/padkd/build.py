@@ -14,6 +14,7 @@ from padkd.engine.checkpoint import load_model_weights
 from padkd.errors import PadkdError
 from padkd.methods import METHODS
 from padkd.models import MODELS
+from padkd.taps import Taps
 from padkd.tasks import Task
 from padkd.validate import build_task
 from padkd.weighting import WEIGHTINGS
@@ -38,7 +39,7 @@ def build_model(ref: ModelRef, data: DataSplits, task: Task, where: str) -> nn.M
 
 
 def build_distiller(cfg: Config, stage: StageConfig, student: nn.Module, teacher: nn.Module | None,
-                    task: Task, where: str) -> Distiller:
+                    task: Task, where: str, taps: tuple[Taps, Taps | None] | None = None) -> Distiller:
     """A fresh Distiller for one stage: new method modules and weightings (e.g. a new PAD head)."""
     terms = []
     for j, (name, term) in enumerate(zip(cfg.term_names(stage), stage.terms, strict=True)):
@@ -50,7 +51,7 @@ def build_distiller(cfg: Config, stage: StageConfig, student: nn.Module, teacher
                           warmup_epochs=term.warmup_epochs, signature=term.signature()))
     return Distiller(student, teacher, terms, task=task, task_weight=stage.task_weight,
                      embedding=cfg.distill.embedding, teacher_train_bn=cfg.distill.teacher_train_bn,
-                     student_mode=stage.student_mode)
+                     student_mode=stage.student_mode, taps=taps)
 
 
 def resolve_device(name: str) -> torch.device:

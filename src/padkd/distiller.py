@@ -117,7 +117,9 @@ class Distiller(nn.Module):
     Call `prepare(batch, data)` once before building the optimizer: it runs an example batch to
     create the terms' shape-dependent modules (connectors, PAD heads), carries modules over from the
     previous stage's distiller, and runs PAD's data-dependent initialisation. Taps are installed here
-    once and removed by `close()`.
+    once and removed by `close()`, unless `taps` (student's, teacher's) are given: the trainer installs
+    one pair for the whole run, before any compiled forward, because compiled code does not see hooks
+    added later (dynamo does not guard on submodule hooks).
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class Distiller(nn.Module):
         embedding: str = "auto",
         teacher_train_bn: bool = False,
         student_mode: Literal["train", "eval"] = "train",
+        taps: tuple[Taps, Taps | None] | None = None,
     ) -> None:
         super().__init__()
         terms = terms or []
@@ -160,10 +163,17 @@ class Distiller(nn.Module):
             if teacher_train_bn:
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
-        student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
-        self._student_taps = Taps(student, student_paths, "student")
-        self._teacher_taps = Taps(teacher, {p for t in terms for p in t.teacher_paths()}, "teacher") \
-            if teacher is not None and terms else None
+        #: The tap paths this distiller reads on each model.
+        self.student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
+        self.teacher_paths = {p for t in terms for p in t.teacher_paths()}
+        self._owns_taps = taps is None
+        if taps is None:
+            taps = (Taps(student, self.student_paths, "student"),
+                    Taps(teacher, self.teacher_paths, "teacher") if teacher is not None and terms else None)
+        elif not self.student_paths <= set(taps[0].paths) | {OUTPUT} or (
+                taps[1] is not None and not self.teacher_paths <= set(taps[1].paths) | {OUTPUT}):
+            raise ValueError("the taps given to the Distiller do not hold every path its terms read")
+        self._student_taps, self._teacher_taps = taps[0], taps[1] if terms else None
         self._prepared = not terms
 
     @property
@@ -190,10 +200,11 @@ class Distiller(nn.Module):
         return self
 
     def close(self) -> None:
-        """Remove the taps' hooks from both models (the stage is over)."""
-        self._student_taps.close()
-        if self._teacher_taps is not None:
-            self._teacher_taps.close()
+        """Remove the hooks of the taps this distiller installed itself (the stage is over)."""
+        if self._owns_taps:
+            self._student_taps.close()
+            if self._teacher_taps is not None:
+                self._teacher_taps.close()
 
     def _features(self, batch: Batch) -> tuple[dict[str, Any], dict[str, Any] | None]:
         with self._student_taps.capture():

@@ -36,6 +36,7 @@ from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
 from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_progress
 from padkd.engine.stage import StageRun
 from padkd.errors import NonFiniteLossError, PadkdError
+from padkd.taps import Taps
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class Trainer:
         state: dict[str, Any] | None = None
         if self.main:
             try:
+                rundir.check(self.run_dir, dump_config(self.cfg), self.resume)  # before the lock file is created
                 self._lock.acquire()
                 self._resume_changes = rundir.check(self.run_dir, dump_config(self.cfg), self.resume)
                 ckpt.remove_stale_temporaries(self.run_dir / "checkpoints")
@@ -189,6 +191,7 @@ class Trainer:
         try:
             return self._run()
         finally:
+            self._close_taps()
             self._lock.release()
 
     def _run(self) -> RunResult:
@@ -244,9 +247,26 @@ class Trainer:
         return RunResult(self.run_dir, final)
 
     def _check_setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Before anything is written: one forward of each model on an example batch (a shape error becomes
-        one line naming the model), then every stage's distiller built once (taps, weightings against their
-        methods, the modules a stage trains), so a bad option of stage 2 stops the run before stage 1."""
+        """Before anything is written: every stage's distiller built once (taps, weightings against their
+        methods, the modules a stage trains), so a bad option of stage 2 stops the run before stage 1; the
+        run's taps installed (once, before any compiled forward); one forward of each model on an example
+        batch, so a shape error becomes one line naming the model."""
+        student_paths: set[str] = set()
+        teacher_paths: set[str] = set()
+        for index, stage in enumerate(self.cfg.stages):
+            if index < self.progress.stage:
+                continue
+            distiller = build_distiller(self.cfg, stage, student, teacher, self.task, f"stages[{index}]")
+            student_paths |= distiller.student_paths
+            teacher_paths |= distiller.teacher_paths
+            try:
+                distiller.check_trainable(stage.trainable)
+            except ValueError as err:
+                raise PadkdError(f"stages[{index}].trainable: {err}") from None
+            finally:
+                distiller.close()
+        self._taps = (Taps(student, student_paths, "student"),
+                      Taps(teacher, teacher_paths, "teacher") if teacher is not None else None)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             example = example_batch(self.cfg, self.data, self.task.collate, self.train_loader)
             for where, model, ref in (("student", student, self.cfg.student), ("teacher", teacher, self.cfg.teacher)):
@@ -263,16 +283,11 @@ class Trainer:
                                      f"({_shapes(example.inputs)}): {first}; fix {where}.model's options") from None
                 finally:
                     model.train(was_training)
-        for index, stage in enumerate(self.cfg.stages):
-            if index < self.progress.stage:
-                continue
-            distiller = build_distiller(self.cfg, stage, student, teacher, self.task, f"stages[{index}]")
-            try:
-                distiller.check_trainable(stage.trainable)
-            except ValueError as err:
-                raise PadkdError(f"stages[{index}].trainable: {err}") from None
-            finally:
-                distiller.close()
+
+    def _close_taps(self) -> None:
+        for taps in getattr(self, "_taps", ()):
+            if taps is not None:
+                taps.close()
 
     def _install_signals(self) -> Callable[[], None]:
         """Ctrl-C/SIGTERM request a stop at the next step boundary; returns the handlers' restorer.
@@ -305,7 +320,7 @@ class Trainer:
         """Train one stage (from `state` when resuming) and return its distiller (the next stage's `previous`)."""
         cfg, progress = self.cfg, self.progress
         where = f"stages[{index}]"
-        distiller = build_distiller(cfg, stage, student, teacher, self.task, where).to(self.device)
+        distiller = build_distiller(cfg, stage, student, teacher, self.task, where, taps=self._taps).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
             distiller.prepare(example, self.data.info(), self.world, previous)
