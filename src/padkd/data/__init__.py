@@ -89,4 +89,5 @@ def stratified_split(labels: Tensor, fractions: tuple[float, float, float], seed
 DATASETS: Registry[DataSplits] = Registry("dataset")
 
 from padkd.data import digits, mnist  # noqa: E402,F401  (register the built-in datasets)
+from padkd.data import retrieval  # noqa: E402,F401
 from padkd.data import samplers  # noqa: E402,F401

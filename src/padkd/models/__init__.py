@@ -92,3 +92,6 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
     if weights is not None:
         return torchvision.models.get_model(arch, weights=weights)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+from padkd.models import retrieval  # noqa: E402,F401  (register the embedding networks)
