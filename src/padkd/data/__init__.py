@@ -93,5 +93,6 @@ from padkd.data import (  # noqa: E402,F401  (register the built-in datasets and
     digits,
     folder,
     mnist,
+    retrieval,
     samplers,
 )

@@ -33,7 +33,7 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> dict[s
         distiller.train(was_training)
     table = {key: torch.cat(values) for key, values in columns.items()}
     order = table["index"].argsort()
-    return {key: value[order] for key, value in table.items()}
+    return task.finish_records({key: value[order] for key, value in table.items()})
 
 
 def write_csv(table: dict[str, torch.Tensor], path: Path) -> None:

@@ -64,6 +64,11 @@ class Task:
         """Per-sample columns of the records (`[B]` each) from the evaluated outputs."""
         raise NotImplementedError
 
+    def finish_records(self, table: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Columns that need the whole split (a query's nearest neighbours), made once from the collected
+        table (rows in index order, every `record_columns` key concatenated); default: the table as it is."""
+        return table
+
     def summary(self, metrics: dict[str, float]) -> str:
         """A short text of the metrics for the per-epoch line."""
         return f"{self.primary_metric}={metrics[self.primary_metric]:.4g}"

@@ -1,0 +1,1 @@
+"""Embedded demos of tasks beyond classification (the classification demo is `padkd.demo`)."""
