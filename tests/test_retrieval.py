@@ -417,11 +417,18 @@ def test_train_and_distill_through_the_cli(tmp_path: Path, write_yaml) -> None: 
 
 @pytest.mark.slow
 def test_retrieval_demo_smoke(tmp_path: Path) -> None:
+    import json
+
+    from padkd.cli import main
     from padkd.demos.retrieval import run_retrieval_demo
 
     results = run_retrieval_demo(tmp_path / "demo", seeds=2, quick=True, quiet=True, methods=("none", "l2", "pad_l2"))
     assert set(results["metrics"]["pad_l2"]) == {"0", "1"}
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "PAD-L2 − embedding L2" in report and (tmp_path / "demo" / "neighbours.png").stat().st_size > 0
+    # The default methods (student alone, RKD, PAD-RKD) through `padkd demo --task retrieval`.
+    assert main(["demo", "--task", "retrieval", "--quick", "--seeds", "1", "--quiet", "--out",
+                 str(tmp_path / "cli")]) == 0
+    assert set(json.loads((tmp_path / "cli" / "results.json").read_text())["metrics"]) >= {"none", "rkd", "pad_rkd"}
     with pytest.raises(PadkdError, match="unknown method"):
         run_retrieval_demo(tmp_path / "other", quick=True, methods=("none", "kd"))

@@ -139,9 +139,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out or ("runs/demo" if args.task == "classification" else f"runs/demo-{args.task}"))
+    options = {"quick": args.quick, "quiet": args.quiet, "overwrite": args.overwrite}
+    if args.seeds is not None:
+        options["seeds"] = args.seeds
+    if args.task == "retrieval":
+        from padkd.demos.retrieval import run_retrieval_demo
+
+        run_retrieval_demo(out, data_root=args.data_root, **options)
+        return 0
+    if args.data_root is not None:
+        raise PadkdError("--data-root applies to --task retrieval (its MNIST protocol)")
     from padkd.demo import run_demo
 
-    run_demo(Path(args.out), seeds=args.seeds, quick=args.quick, quiet=args.quiet, overwrite=args.overwrite)
+    run_demo(out, **options)
     return 0
 
 
@@ -185,9 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("demo", help="the embedded default: teacher + 5 students on scikit-learn digits, report")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=8, help="paired seeds per student (default 8)")
+    p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report")
+    p.add_argument("--task", choices=["classification", "retrieval"], default="classification",
+                   help="classification (5 students, default) or retrieval (train on digits 0-4, retrieve 5-9)")
+    p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval)")
+    p.add_argument("--seeds", type=int, help="paired seeds per student (default 8 for classification, 5 for "
+                                              "retrieval)")
+    p.add_argument("--data-root", help="retrieval: run the protocol on the MNIST files under this folder")
     p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
