@@ -334,6 +334,27 @@ def test_digits_class_split() -> None:
     assert len(data.train) + len(data.test) == 1797
 
 
+def test_mnist_class_split_on_idx_files(tmp_path: Path) -> None:
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+
+    def idx(array: np.ndarray) -> bytes:
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        return header + array.astype(np.uint8).tobytes()
+
+    train_labels, test_labels = np.arange(20) % 10, np.arange(10)[::-1]
+    (raw / "train-images-idx3-ubyte").write_bytes(idx(np.full((20, 28, 28), 7)))
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx(train_labels))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx(np.full((10, 28, 28), 9)))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(idx(test_labels))
+    data = DATASETS.build("mnist_retrieval", {"root": str(tmp_path), "test_subset": 3}, "data")
+    assert data.val is None and sorted(data.train_targets.tolist()) == sorted([0, 1, 2, 3, 4] * 2)
+    assert data.test.labels.tolist() == [9, 8, 7]  # the first three test images of classes 5-9, in file order
+    assert len(data.train) == 10 and data.in_channels == 1
+
+
 # ---------------------------------------------------------------- models
 
 
