@@ -22,9 +22,14 @@ from typing import Any
 
 import torch
 
-from padkd.config import parse_config
+from padkd.build import build_data, build_model, build_task
+from padkd.config import Component, ModelRef, parse_config
 from padkd.engine.trainer import Trainer
 from padkd.errors import PadkdError
+from padkd.methods import METHODS
+from padkd.report.markdown import interval, mean_pm_std, signed
+from padkd.report.stats import mean_std, paired_ci, verdict
+from padkd.tasks.retrieval import nearest_neighbours
 
 TEACHER = {"name": "cnn_embedding", "widths": [32, 64, 128], "embedding_dim": 64}
 STUDENT = {"name": "cnn_embedding", "widths": [8, 16], "embedding_dim": 16}
@@ -105,8 +110,6 @@ def comparisons(methods: Sequence[str]) -> list[tuple[str, str]]:
 
 def summary_tables(results: dict[str, Any]) -> str:
     """Markdown: each method's metrics (mean ± std over seeds), then the paired differences with 95% t intervals."""
-    from padkd.report.markdown import interval, mean_pm_std, signed
-    from padkd.report.stats import mean_std, paired_ci, verdict
 
     seeds = [str(s) for s in results["seeds"]]
     scores = results["metrics"]
@@ -133,8 +136,6 @@ def summary_tables(results: dict[str, Any]) -> str:
 @torch.no_grad()
 def _test_embeddings(run_dir: Path, model: dict[str, Any], data: Any, task: Any) -> torch.Tensor:
     """The trained model of `run_dir` (its last checkpoint) applied to the whole test split."""
-    from padkd.build import build_model
-    from padkd.config import Component, ModelRef
 
     net = build_model(ModelRef(model=Component(**model), checkpoint=str(run_dir)), data, task, "model").eval()
     loader = torch.utils.data.DataLoader(data.test, batch_size=512)
@@ -147,8 +148,6 @@ def neighbours_figure(out: Path, results: dict[str, Any], data_root: str | None)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from padkd.build import build_data, build_task
-    from padkd.tasks.retrieval import nearest_neighbours
 
     cfg = parse_config(_config("figure", out / "unused", STUDENT, 0, True, data_root, [], None))
     data, task = build_data(cfg), build_task(cfg.task)
@@ -200,7 +199,6 @@ def run_retrieval_demo(out: Path, seeds: int = 5, quick: bool = False, quiet: bo
 
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_root: str | None,
          methods: Sequence[str]) -> dict[str, Any]:
-    from padkd.methods import METHODS
 
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")

@@ -14,14 +14,16 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from padkd.config import Component
 from padkd.errors import PadkdError
+
+if TYPE_CHECKING:
+    from padkd.config import Component
 
 FORMAT = "padkd-checkpoint"
 VERSION = 2

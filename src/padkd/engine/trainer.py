@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from padkd.batch import tree_leaves
 from padkd.build import build_data, build_distiller, build_model, build_task, resolve_device
 from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
@@ -108,8 +109,6 @@ class _NonFiniteWatch:
 
 def _shapes(tree: Any) -> str:
     """Shapes of a pytree's tensors, for messages."""
-    from padkd.batch import tree_leaves
-
     return ", ".join(str(list(t.shape)) for t in tree_leaves(tree)[:4])
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from padkd.errors import PadkdError
+from padkd.errors import PadkdError, did_you_mean
 from padkd.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -86,8 +86,6 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
-        from padkd.errors import did_you_mean
-
         raise PadkdError(f"model.arch: unknown torchvision model '{arch}'{did_you_mean(arch, available)}")
     if in_channels != 3:
         raise PadkdError(f"model.arch {arch}: torchvision models take 3-channel images, the data has {in_channels}")
