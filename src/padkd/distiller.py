@@ -161,6 +161,8 @@ class Distiller(nn.Module):
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
         student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
+        if teacher is not None and terms:  # what the task's teacher forward reads from the student
+            student_paths |= set(self._caller.student_taps)
         self._student_taps = Taps(student, student_paths, "student")
         self._teacher_taps = Taps(teacher, {p for t in terms for p in t.teacher_paths()}, "teacher") \
             if teacher is not None and terms else None
@@ -268,12 +270,16 @@ class Distiller(nn.Module):
 
     def param_groups(self, trainable: list[str] | None = None) -> list[dict[str, Any]]:
         """Optimizer groups: the student's trainable parameters (all, or those under the module paths
-        in `trainable`), then each term's modules at `lr_scale` (0 = frozen, left out). Parameters left
-        out get `requires_grad=False` for this stage, so no gradient is computed for them."""
+        in `trainable`, never those the model lists in `padkd_frozen`), then each term's modules at
+        `lr_scale` (0 = frozen, left out). Parameters left out get `requires_grad=False` for this stage,
+        so no gradient is computed for them."""
         groups = []
         student = []
+        # A model may keep some parameters frozen by design (a detector's first backbone stages).
+        frozen = set(getattr(self.student, "padkd_frozen", ()))
         for name, p in self.student.named_parameters():
-            train = trainable is None or any(name == m or name.startswith(f"{m}.") for m in trainable)
+            train = (trainable is None or any(name == m or name.startswith(f"{m}.") for m in trainable)) \
+                and name not in frozen
             p.requires_grad_(train)
             if train:
                 student.append(p)

@@ -104,4 +104,4 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
     return model
 
 
-from padkd.models import cifar, external  # noqa: E402,F401  (registers the CIFAR zoo and timm)
+from padkd.models import cifar, detection, external  # noqa: E402,F401  (registers the CIFAR zoo, detectors and timm)

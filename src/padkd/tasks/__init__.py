@@ -7,5 +7,6 @@ detection differ only here.
 
 from padkd.tasks.base import TASKS, Evaluator, Task
 from padkd.tasks.classification import Classification
+from padkd.tasks.detection import Detection
 
-__all__ = ["TASKS", "Task", "Evaluator", "Classification"]
+__all__ = ["TASKS", "Task", "Evaluator", "Classification", "Detection"]
