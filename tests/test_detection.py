@@ -503,6 +503,41 @@ def test_detector_taps_and_task_calls() -> None:
     assert [v.shape[-2:] for v in t_fpn.values()] == [v.shape[-2:] for v in values["fpn"].values()]
 
 
+def test_roi_kd_on_the_students_proposals_classified_by_both_heads() -> None:
+    """With `teacher_heads`, the teacher's ROI head classifies the student's proposals; roi_kd is then per
+    proposal T²·KL(softmax(t/T) ‖ softmax(s/T)), masked to each image's proposals."""
+    from padkd.taps import Taps
+
+    torch.manual_seed(6)
+    student = MODELS.build("fasterrcnn", TINY, "s", num_classes=3)
+    teacher = MODELS.build("fasterrcnn", {**TINY, "fpn_channels": 16}, "t", num_classes=3).eval()
+    task = Detection(teacher_heads=True)
+    assert task.student_taps == {"transform", "rois"}
+    images = [torch.rand(3, 32, 32), torch.rand(3, 32, 24)]
+    targets = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[4.0, 4.0, 12.0, 16.0]]), "labels": torch.tensor([2])}]
+    batch = Batch(images, targets, torch.arange(2))
+    s_taps = Taps(student, {"box_scores"} | task.student_taps, "student")
+    t_taps = Taps(teacher, {"box_scores"}, "teacher")
+    student.train()
+    with s_taps.capture():
+        out = task.forward(student, batch, training=True)
+    sv = s_taps.values(out)
+    with torch.no_grad(), t_taps.capture():
+        t_out = task.teacher_forward(teacher, batch, sv)
+    tv = t_taps.values(t_out)
+    s, t = sv["box_scores"], tv["box_scores"]
+    counts = [len(r) for r in sv["rois"]]
+    assert s["mask"].sum(1).tolist() == counts == t["mask"].sum(1).tolist()
+    d = METHODS.build("roi_kd", {"temperature": 2.0}, "m")(s, t, batch)
+    for i, n in enumerate(counts):
+        for j in range(n):
+            p_t = torch.softmax(t["logits"][i, j] / 2, 0)
+            kl = (p_t * (p_t.log() - torch.log_softmax(s["logits"][i, j].detach() / 2, 0))).sum() * 4
+            torch.testing.assert_close(d.value[i, j].detach(), kl, rtol=1e-4, atol=1e-6)
+    assert d.mask.tolist() == s["mask"].tolist() and (d.value[~d.mask] == 0).all()
+
+
 def test_teacher_input_is_renormalised_with_its_own_statistics() -> None:
     from padkd.models.detection import TappedTransform
 
@@ -561,20 +596,22 @@ def test_cli_trains_distils_and_evaluates_a_tiny_detector(tmp_path: Path, write_
                          "student": {"model": {"name": "fasterrcnn", **TINY, "fpn_channels": 16}},
                          "stages": [{"epochs": 1, "optimizer": {"lr": 0.01}}]})
     assert main(["train", str(teacher), "--quiet"]) == 0
-    term = {"name": "fgfi", "method": {"name": "fgfi"}, "student": ["fpn", "gt"], "teacher": "fpn",
-            "embedding": "fpn", "weighting": {"name": "pad", "head": "conv1x1"}}
+    terms = [{"name": "fgfi", "method": {"name": "fgfi"}, "student": ["fpn", "gt"], "teacher": "fpn",
+              "embedding": "fpn", "weighting": {"name": "pad", "head": "conv1x1"}},
+             {"name": "roi", "method": {"name": "roi_kd"}, "student": "box_scores", "teacher": "box_scores",
+              "weighting": {"name": "pad", "mode": "per_sample"}}]
     student = write_yaml(tmp_path / "student.yaml", {
-        **common, "output_dir": str(tmp_path / "s"),
+        **common, "output_dir": str(tmp_path / "s"), "task": {"name": "detection", "teacher_heads": True},
         "teacher": {"model": {"name": "fasterrcnn", **TINY, "fpn_channels": 16}, "checkpoint": str(tmp_path / "t")},
         "student": {"model": {"name": "fasterrcnn", **TINY}},
-        "stages": [{"epochs": 1, "optimizer": {"lr": 0.01}, "terms": [term]}]})
+        "stages": [{"epochs": 1, "optimizer": {"lr": 0.01}, "terms": terms}]})
     assert main(["train", str(student), "--quiet"]) == 0
     capsys.readouterr()
     final = json.loads((tmp_path / "s" / "final.json").read_text())
     assert final["primary_metric"] == "mAP" and set(final["last"]) == {"mAP", "AP50", "AP75", "APs", "APm", "APl"}
     records = (tmp_path / "s" / "records" / "0-main-test.csv").read_text().splitlines()
     assert records[0].split(",")[:5] == ["index", "gt_boxes", "detections", "recall50", "precision50"]
-    assert "fgfi.log_var" in records[0] and len(records) == 5
+    assert "fgfi.log_var" in records[0] and "roi.log_var" in records[0] and len(records) == 5
     assert main(["eval", str(tmp_path / "s" / "checkpoints" / "last.pt"), "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out)["mAP"] == pytest.approx(final["last"]["mAP"])
 
@@ -584,3 +621,23 @@ def test_batches_of_images_of_different_sizes_collate_as_lists() -> None:
              (torch.zeros(3, 6, 2), {"boxes": torch.zeros(1, 4)}, 1)]
     batch = list_collate(items)
     assert [tuple(x.shape) for x in batch.inputs] == [(3, 4, 5), (3, 6, 2)] and batch.index.tolist() == [0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,builder,options", [
+    ("fasterrcnn", "fasterrcnn_resnet50_fpn", {"backbone": "resnet50"}),
+    ("fasterrcnn", "fasterrcnn_mobilenet_v3_large_fpn", {"backbone": "mobilenet_v3_large"}),
+    ("retinanet", "retinanet_resnet50_fpn", {"backbone": "resnet50"}),
+])
+def test_torchvision_detection_checkpoints_load_by_key(tmp_path: Path, name: str, builder: str, options: dict) -> None:
+    """A torchvision COCO detector's state dict (frozen BatchNorm, as released) loads through `weights_path`."""
+    import torchvision
+
+    reference = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91)
+    state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "coco.pth"
+    torch.save(state, path)
+    model = MODELS.build(name, {**options, "weights_path": str(path)}, "m", num_classes=91)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert len(model.state_dict()) == len(state)

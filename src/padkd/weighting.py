@@ -409,10 +409,12 @@ class PAD(Weighting):
             values, _ = d.matrix()
             s = self.log_var(embedding, d.layout)
             if s.shape[1] not in (1, values.shape[1]):
+                fix = "head: conv1x1 (one variance per location) or mode: per_sample" if d.layout else \
+                    "mode: per_sample"
                 raise PadkdError(
                     f"PAD head predicts {s.shape[1]} log-variances per sample but this discrepancy has "
                     f"E={values.shape[1]} elements (its size changed since the head was built, e.g. another "
-                    "input size); use weighting mode: per_sample"
+                    f"input size); use weighting {fix}"
                 )
             s = s.expand_as(values)
             nll = values.float() / (torch.exp(s) + self.eps) + s

@@ -2,9 +2,10 @@
 
 from padkd.methods.base import METHODS, Method
 from padkd.methods.contrastive import CRD
-from padkd.methods.detection import FGFI, FpnL2
+from padkd.methods.detection import FGFI, FpnL2, RoiKD
 from padkd.methods.features import FitNet, Hint
 from padkd.methods.logits import DIST, DKD, KD
 from padkd.methods.relations import CC, PKT, RKD, SP
 
-__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "DKD", "DIST", "SP", "CC", "RKD", "PKT", "CRD", "FGFI", "FpnL2"]
+__all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "DKD", "DIST", "SP", "CC", "RKD", "PKT", "CRD", "FGFI", "FpnL2",
+           "RoiKD"]

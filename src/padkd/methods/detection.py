@@ -1,4 +1,4 @@
-"""Detection distillation on FPN levels: full-map L2 imitation and fine-grained (FGFI) masked imitation.
+"""Detection distillation: full-map L2 and fine-grained (FGFI) imitation of FPN levels, KD on ROI class logits.
 
 Both read the student's FPN maps (tap `fpn`, an ordered dict of `[B, C, H, W]` levels) and the teacher's
 (its `fpn`), and return one discrepancy per feature-map location, `[B, E]` with E = Σ_levels H·W, a mask
@@ -8,6 +8,10 @@ levels are paired by spatial size (same stride; a MobileNetV3 student's two stri
 a ResNet teacher's stride-32 map); a 1×1-conv adapter maps student channels to the teacher's where they
 differ. Ground truth and the batch geometry come from the student's `gt` tap (batch-first boxes, image
 and padded sizes), so a term taps `student: [fpn, gt]`.
+
+`roi_kd` reads the class logits of the proposals the student's ROI head classifies (tap `box_scores`),
+and the teacher's on the same proposals (task option `teacher_heads: true`): one discrepancy per
+proposal, `[B, M]` masked to each image's proposals.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.context import BuildContext, Features
@@ -289,3 +294,49 @@ class FGFI(FeatureImitation):
         else:
             anchors = [((8.0 * math.sqrt(sh * sw),), DEFAULT_RATIOS) for sh, sw in strides(gt, shapes)]
         return valid & imitation_mask(gt, shapes, anchors, self.psi, self.scope)
+
+
+@METHODS.register("roi_kd")
+class RoiKD(Method):
+    """KD on the class logits of the student's proposals: per proposal `T² · KL(p_t ‖ p_s)` with p = softmax(z/T),
+    `[B, M]` masked to each image's proposals (in training, the ones the ROI head sampled and matched to
+    the ground truth). The teacher's ROI head classifies the same proposals (task `teacher_heads: true`).
+
+    A sample is an image and its elements are its proposals, which have no fixed meaning from batch to
+    batch (`elements: exchangeable`: PAD weighs images with `mode: per_sample`). Uniform averages each
+    image's proposals, then the images."""
+
+    reference = "Chen et al. Learning Efficient Object Detection Models with Knowledge Distillation. NeurIPS 2017"
+    elements = "exchangeable"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    @classmethod
+    def example_features(cls, batch_size: int, generator: torch.Generator) -> tuple[Features, Features]:
+        """Up to five proposals per image over four classes, padded batch-first as the `box_scores` tap gives them."""
+        counts = torch.randint(1, 6, (batch_size,), generator=generator)
+        mask = torch.arange(5)[None, :] < counts[:, None]
+
+        def scores() -> dict[str, Tensor]:
+            return {"logits": torch.randn(batch_size, 5, 4, generator=generator) * mask[..., None], "mask": mask}
+
+        return scores(), scores()
+
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
+        for side, value in (("student", student), ("teacher", teacher)):
+            if not (isinstance(value, dict) and "logits" in value and "mask" in value):
+                raise ValueError(f"roi_kd reads the ROI head's batch-first class logits: tap {side}: box_scores "
+                                 "(and set task.teacher_heads: true)")
+        s, t = student["logits"].float(), teacher["logits"].float()
+        if s.shape != t.shape:
+            raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ: the teacher "
+                             "must classify the student's proposals (task.teacher_heads: true)")
+        temp = self.temperature
+        log_p_t = F.log_softmax(t / temp, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - F.log_softmax(s / temp, dim=-1))).sum(-1) * temp**2
+        mask = student["mask"]
+        return Discrepancy(torch.where(mask, kl.clamp_min(0), torch.zeros((), device=kl.device)), mask)

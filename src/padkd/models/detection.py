@@ -6,8 +6,8 @@ Each detector keeps torchvision's module tree (so torchvision's detection checkp
 - `transform`: torchvision's `(ImageList, targets)` after normalisation, resizing and padding;
 - `gt`: the same ground truth batch-first (boxes `[B, M, 4]` in resized coordinates, `box_mask`, `labels`,
   `image_sizes`, `padded_size`), which masked-imitation methods read;
-- Faster R-CNN: `rois` (the proposals the ROI head classifies, per image), `box_logits` (its class logits
-  and box deltas); RetinaNet: `head`.
+- Faster R-CNN: `rois` (the proposals the ROI head classifies, a list per image) and `box_scores` (their
+  class logits batch-first, `{"logits": [B, M, K], "mask": [B, M]}`); RetinaNet: `head`.
 Nothing is downloaded: `weights_path` is a local torchvision detection state dict, `backbone_weights_path` a
 local ImageNet classification state dict for the backbone alone.
 """
@@ -86,15 +86,37 @@ class TappedTransform(GeneralizedRCNNTransform):
 
 class TappedRoIPool(MultiScaleRoIAlign):
     """MultiScaleRoIAlign with a `rois` marker that shows the proposals the ROI head classifies (in training,
-    the sampled proposals matched to ground truth)."""
+    the sampled proposals matched to ground truth); it remembers how many each image has (`counts`) for
+    the predictor of the same forward."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rois = Marker()
+        self.counts: list[int] = []
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         self.rois(boxes)
+        self.counts = [len(b) for b in boxes]
         return super().forward(x, boxes, image_shapes)
+
+
+class TappedPredictor(FastRCNNPredictor):
+    """torchvision's box predictor with a `scores` marker that shows its class logits batch-first:
+    `{"logits": [B, M, K], "mask": [B, M]}`, M the most proposals of an image in the batch."""
+
+    def __init__(self, in_channels: int, num_classes: int, pool: TappedRoIPool) -> None:
+        super().__init__(in_channels, num_classes)
+        self._pool = [pool]  # a reference, not a submodule: the pool belongs to the ROI heads
+        self.scores = Marker()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, deltas = super().forward(x)
+        counts = self._pool[0].counts
+        padded = nn.utils.rnn.pad_sequence(list(logits.split(counts)), batch_first=True)
+        lengths = torch.tensor(counts, device=logits.device)
+        mask = torch.arange(padded.shape[1], device=logits.device)[None, :] < lengths[:, None]
+        self.scores({"logits": padded, "mask": mask})
+        return logits, deltas
 
 
 class ConvStages(nn.Module):
@@ -261,12 +283,11 @@ def fasterrcnn(num_classes: int, backbone: Backbone = "resnet50", fpn_channels: 
     pool = TappedRoIPool(featmap_names=names, output_size=7, sampling_ratio=2)
     model = FasterRCNN(body, rpn_anchor_generator=anchors, box_roi_pool=pool,
                        box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
-                       box_predictor=FastRCNNPredictor(representation_size, num_classes),
+                       box_predictor=TappedPredictor(representation_size, num_classes, pool),
                        rpn_pre_nms_top_n_train=2 * proposals, rpn_post_nms_top_n_train=2 * proposals,
                        rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals,
                        box_batch_size_per_image=box_batch_size_per_image, box_detections_per_img=detections_per_image)
-    taps = {"rois": "roi_heads.box_roi_pool.rois", "box_features": "roi_heads.box_head",
-            "box_logits": "roi_heads.box_predictor"}
+    taps = {"rois": "roi_heads.box_roi_pool.rois", "box_scores": "roi_heads.box_predictor.scores"}
     return _finish(model, taps, weights_path, f"fasterrcnn/{backbone}", min_size, max_size, image_mean,
                    image_std)
 
