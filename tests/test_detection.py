@@ -641,3 +641,57 @@ def test_torchvision_detection_checkpoints_load_by_key(tmp_path: Path, name: str
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert len(model.state_dict()) == len(state)
+
+
+def _evaluator_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        class Split:
+            coco = gt_coco(OBJECTS)
+            label_to_category = {1: 1, 2: 2}
+
+        image_id = rank + 1  # each rank sees one image
+        objs = OBJECTS[image_id]
+        boxes = torch.tensor([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for _, b in objs])
+        if rank == 1:
+            boxes[:, :2] += 4  # rank 1's detection is off: the gathered mAP is below 1
+        ev = CocoEvaluator()
+        ev.attach(Split())
+        ev.update([{"boxes": boxes, "scores": torch.full((len(objs),), 0.9),
+                    "labels": torch.tensor([c for c, _ in objs])}],
+                  Batch(None, [{"image_id": torch.tensor(image_id), "scale": torch.ones(2)}], torch.arange(1)))
+        torch.save(ev.compute(), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import torch
+def test_coco_evaluation_gathers_detections_across_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_evaluator_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    objs = OBJECTS[1] + [(c, [b[0] + 4, b[1] + 4, b[2] - 4, b[3] - 4]) for c, b in OBJECTS[2]]
+    single = coco_metrics(gt_coco(OBJECTS), [{"image_id": 1 if k < 2 else 2, "category_id": c, "bbox": b,
+                                             "score": 0.9} for k, (c, b) in enumerate(objs)], [1, 2])
+    assert ranks[0] == pytest.approx(single)
+    assert ranks[0]["mAP"] < 1.0
+
+
+@pytest.mark.slow  # four tiny detector runs: about a minute on a busy 2-core machine
+def test_detection_demo_quick_run_says_its_data_are_synthetic(tmp_path: Path, capsys) -> None:
+    from padkd.demos.detection import run_detection_demo
+
+    results = run_detection_demo(tmp_path / "demo", seeds=1, quick=True)
+    out, err = capsys.readouterr()
+    assert "SYNTHETIC" in out and "SYNTHETIC" in err
+    assert set(results["mAP"]) == {"none", "fgfi", "pad_fgfi"} and results["synthetic"] is True
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["mAP"] == results["mAP"] and "SYNTHETIC" in saved["data"]
+    info = json.loads((tmp_path / "demo" / "data" / "annotations" / "instances_val.json").read_text())["info"]
+    assert "SYNTHETIC" in info["description"]
+    with pytest.raises(PadkdError, match="--overwrite"):
+        run_detection_demo(tmp_path / "demo", quick=True)

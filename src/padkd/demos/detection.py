@@ -5,10 +5,14 @@ Writes a small COCO-format data set of coloured shapes on textured backgrounds (
 with a narrower backbone over the same schedule:
   none      the detector's own losses only
   fgfi      + FGFI masked imitation of the FPN levels, uniform (weight 0.01, the FGFI authors')
-  pad_fgfi  + the same FGFI discrepancies weighted by PAD per location (conv1x1 variance head; weight 1,
-            PAD's: its loss d/σ² + log σ² is scale-free)
-Only the distillation term differs. Prints COCO mAP and AP50 of each run and writes `results.json`.
-Every number is measured on SYNTHETIC data and says nothing about real images.
+  pad_fgfi  + the same FGFI discrepancies weighted by PAD per location (conv1x1 variance head), weight 0.3
+Only the distillation term differs. PAD's effective weight on a location is weight/σ², and σ² tracks the
+discrepancy, which falls from about 150 per imitated location to about 33 here as the adapters learn: weight
+0.3 ≈ 0.01 × 33 gives PAD-FGFI about FGFI's effective weight once the imitation has settled, so PAD mostly
+redistributes it over locations. (With PAD's usual weight 1, three times that, the student of a first run,
+one seed, was worse than the one trained without distillation.)
+Prints COCO mAP and AP50 of each run and writes `results.json`. Every number is measured on SYNTHETIC data
+and says nothing about real images.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ FGFI = {"name": "fgfi", "method": {"name": "fgfi"}, "student": ["fpn", "gt"], "t
 TERMS: dict[str, list[dict[str, Any]]] = {
     "none": [],
     "fgfi": [FGFI],
-    "pad_fgfi": [{**FGFI, "weight": 1.0, "embedding": "fpn", "weighting": {"name": "pad", "head": "conv1x1"}}],
+    "pad_fgfi": [{**FGFI, "weight": 0.3, "embedding": "fpn", "weighting": {"name": "pad", "head": "conv1x1"}}],
 }
 LABELS = {"none": "no distillation", "fgfi": "FGFI (uniform)", "pad_fgfi": "PAD-FGFI (per location)"}
 
@@ -43,7 +47,7 @@ LABELS = {"none": "no distillation", "fgfi": "FGFI (uniform)", "pad_fgfi": "PAD-
 def schedule(quick: bool) -> dict[str, int]:
     """Images per split and epochs of the teacher and of each student."""
     if quick:
-        return {"train": 48, "val": 16, "teacher_epochs": 2, "student_epochs": 1}
+        return {"train": 24, "val": 8, "teacher_epochs": 2, "student_epochs": 1}
     return {"train": 400, "val": 100, "teacher_epochs": 10, "student_epochs": 8}
 
 
