@@ -559,10 +559,11 @@ def test_folder_errors_name_the_expected_layout(tmp_path: Path) -> None:
 
 
 def test_every_registered_dataset_is_covered() -> None:
-    """Each data set has reader tests here, in test_data.py or in its task's file (retrieval); a new one
-    must add its own."""
+    """Each data set has reader tests here, in test_data.py or in its task's file (retrieval, detection); a
+    new one must add its own."""
     retrieval = {"cub200", "cars196", "sop", "digits_retrieval", "mnist_retrieval"}  # tests/test_retrieval.py
-    assert set(DATASETS.names()) == {"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval
+    detection = {"coco", "voc"}  # tests/test_detection.py
+    assert set(DATASETS.names()) == {"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval | detection
 
 
 def cifar_config(data_root: Path, run_dir: Path, **data: object) -> dict[str, object]:

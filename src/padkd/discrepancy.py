@@ -18,13 +18,17 @@ class Discrepancy:
     loss that the method adds up (RKD's distance and angle, DKD's TCKD and NCKD, AT's layers), so the
     parts keep their published scale and `uniform` gives the method's usual loss. `unweighted` is an
     optional scalar that belongs to the method's loss but to no sample (VID's `½ mean log σ²_c`): the
-    Distiller adds it after the weighting, so no weighting ever scales or mines it.
+    Distiller adds it after the weighting, so no weighting ever scales or mines it. `layout` says that the
+    elements are feature-map locations: one `(name, H, W)` per map, flattened row-major in this order
+    (E = Σ H·W), so a weighting can predict per-location quantities from maps of that size (PAD's
+    `conv1x1` head); E may then change from batch to batch with the image size.
     """
 
     value: Tensor
     mask: Tensor | None = None
     unweighted: Tensor | None = None
     sum_elements: bool = False
+    layout: list[tuple[str, int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.value.dim() not in (1, 2):
@@ -33,6 +37,11 @@ class Discrepancy:
             raise ValueError(f"mask shape {tuple(self.mask.shape)} != discrepancy shape {tuple(self.value.shape)}")
         if self.unweighted is not None and self.unweighted.dim() != 0:
             raise ValueError(f"unweighted part must be a scalar, got shape {tuple(self.unweighted.shape)}")
+        if self.layout is not None:
+            total = sum(h * w for _, h, w in self.layout)
+            if self.value.dim() != 2 or self.value.shape[1] != total:
+                raise ValueError(f"layout {self.layout} covers {total} locations but the discrepancy has shape "
+                                 f"{tuple(self.value.shape)}")
 
     @classmethod
     def of(cls, d: Tensor | Discrepancy) -> Discrepancy:

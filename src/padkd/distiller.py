@@ -163,8 +163,11 @@ class Distiller(nn.Module):
             if teacher_train_bn:
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
-        #: The tap paths this distiller reads on each model.
+        #: The tap paths this distiller reads on each model (the student's include what the task's teacher
+        #: forward reads from it).
         self.student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
+        if teacher is not None and terms:
+            self.student_paths |= set(self._caller.student_taps)
         self.teacher_paths = {p for t in terms for p in t.teacher_paths()}
         self._owns_taps = taps is None
         if taps is None:
@@ -286,13 +289,17 @@ class Distiller(nn.Module):
 
     def param_groups(self, trainable: list[str] | None = None) -> list[dict[str, Any]]:
         """Optimizer groups: the student's trainable parameters (all, or those under the module paths
-        in `trainable`), then each term's modules at `lr_scale` (0 = frozen, left out). Parameters left
-        out get `requires_grad=False` for this stage, so no gradient is computed for them."""
+        in `trainable`, never those the model lists in `padkd_frozen`), then each term's modules at
+        `lr_scale` (0 = frozen, left out). Parameters left out get `requires_grad=False` for this stage,
+        so no gradient is computed for them."""
         self.check_trainable(trainable)
         groups = []
         student = []
+        # A model may keep some parameters frozen by design (a detector's first backbone stages).
+        frozen = set(getattr(self.student, "padkd_frozen", ()))
         for name, p in self.student.named_parameters():
-            train = trainable is None or any(name == m or name.startswith(f"{m}.") for m in trainable)
+            train = (trainable is None or any(name == m or name.startswith(f"{m}.") for m in trainable)) \
+                and name not in frozen
             p.requires_grad_(train)
             if train:
                 student.append(p)

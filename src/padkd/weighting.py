@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,16 @@ DEFAULT_LOG_VAR_FLOOR = math.log(1e-3)
 #: Default linear warm-up of the PAD term (steps). With σ² at the mean discrepancy from step one the
 #: term's weight is 1/mean(d); without a ramp it slowed a tiny student's learning (docs/pad.md).
 DEFAULT_WARMUP_STEPS = 100
+
+
+def pooled(embedding: Any) -> Tensor:
+    """A student embedding as `[B, D]`: a map is average-pooled; a dict or list of maps (FPN levels) is
+    pooled map by map and concatenated."""
+    if isinstance(embedding, dict):
+        embedding = list(embedding.values())
+    if isinstance(embedding, list | tuple):
+        return torch.cat([pool(x) for x in embedding], dim=1)
+    return pool(embedding)
 
 
 @dataclass
@@ -73,14 +83,27 @@ class Weighting(nn.Module):
 
 
 class SampleWeighting(Weighting):
-    """Hand-made weighting: `loss = mean_i w_i d_i` with w detached and normalised to mean 1."""
+    """Hand-made weighting: `loss = mean_i w_i d_i` with w detached and normalised to mean 1.
+
+    `granularity: element` weighs the elements instead (the locations of a detection feature map):
+    `loss = mean_i reduce_e(w_ie d_ie)` with the weights computed from every valid element of the batch
+    and normalised to mean 1 over them, so weights of 1 give the uniform loss. Its `weight` column is a
+    sample's mean element weight, normalised to mean 1 over the samples."""
+
+    def __init__(self, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__()
+        if granularity not in ("sample", "element"):
+            raise ValueError(f"granularity must be 'sample' or 'element', got {granularity!r}")
+        self.granularity = granularity
 
     def weights(self, d: Tensor) -> Tensor:
-        """Unnormalised, non-negative weights for per-sample discrepancies `d` (detached, `[B]`)."""
+        """Unnormalised, non-negative weights for discrepancies `d` (detached, 1-d: samples or elements)."""
         raise NotImplementedError
 
     def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
         d = Discrepancy.of(d)
+        if self.granularity == "element" and d.value.dim() == 2:
+            return self._per_element(d)
         per_sample = d.reduce_elements().float()
         valid = d.sample_mask()
         n = valid_count(per_sample, valid)
@@ -98,6 +121,27 @@ class SampleWeighting(Weighting):
         loss = (w * per_sample).sum() / n.clamp_min(1.0)
         return WeightedLoss(loss=loss, weight=w)
 
+    def _per_element(self, d: Discrepancy) -> WeightedLoss:
+        """Weights over the valid elements of the whole batch (selecting them costs one host sync)."""
+        values, mask = d.matrix()
+        values = values.float()
+        valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask
+        with torch.no_grad():
+            scores = values.detach()[valid]
+            w = torch.zeros_like(values)
+            if scores.numel() > 0:
+                raw = self.weights(scores)
+                total = raw.sum()
+                w[valid] = torch.where(total > 0, raw * scores.numel() / total.clamp_min(1e-30), torch.ones_like(raw))
+        samples = d.sample_mask()
+        loss = batch_mean(d.reduce_elements(w * values), samples)
+        with torch.no_grad():
+            per_sample = d.reduce_elements(w, mean=True)
+            weight = per_sample / batch_mean(per_sample, samples).clamp_min(1e-30)
+            if samples is not None:
+                weight = weight * samples.to(weight.dtype)
+        return WeightedLoss(loss=loss, weight=weight)
+
 
 @WEIGHTINGS.register("uniform")
 class Uniform(SampleWeighting):
@@ -113,8 +157,8 @@ class Uniform(SampleWeighting):
 class Focal(SampleWeighting):
     """Focal-style hard mining: `w ∝ d^gamma` (larger discrepancy, larger weight)."""
 
-    def __init__(self, gamma: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, gamma: float = 1.0, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__(granularity)
         self.gamma = gamma
 
     def weights(self, d: Tensor) -> Tensor:
@@ -125,8 +169,8 @@ class Focal(SampleWeighting):
 class OHEM(SampleWeighting):
     """Online hard example mining: only the `fraction` of samples with the largest discrepancy count."""
 
-    def __init__(self, fraction: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, fraction: float = 0.5, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__(granularity)
         if not 0 < fraction <= 1:
             raise ValueError(f"ohem fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
@@ -141,8 +185,8 @@ class OHEM(SampleWeighting):
 class _Softmax(SampleWeighting):
     sign: float = 1.0
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, temperature: float = 1.0, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__(granularity)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
@@ -171,8 +215,8 @@ class SoftmaxEasy(_Softmax):
 class Polynomial(SampleWeighting):
     """Easy emphasis `w ∝ (1 - d / max d)^gamma`: the hardest sample in the batch gets weight 0."""
 
-    def __init__(self, gamma: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, gamma: float = 1.0, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__(granularity)
         self.gamma = gamma
 
     def weights(self, d: Tensor) -> Tensor:
@@ -183,8 +227,8 @@ class Polynomial(SampleWeighting):
 class DiscardHardest(SampleWeighting):
     """Drop the `fraction` of samples with the largest discrepancy; the rest count uniformly."""
 
-    def __init__(self, fraction: float = 0.1) -> None:
-        super().__init__()
+    def __init__(self, fraction: float = 0.1, granularity: Literal["sample", "element"] = "sample") -> None:
+        super().__init__(granularity)
         if not 0 <= fraction < 1:
             raise ValueError(f"discard fraction must be in [0, 1), got {fraction}")
         self.fraction = fraction
@@ -208,6 +252,12 @@ class PAD(Weighting):
     first batch so σ² starts at the mean discrepancy (`init="data"`), the term ramps up linearly over
     `warmup_steps`, and log σ² has a smooth floor. `PAD.reference(...)` gives the unmodified
     published form (random init, no floor, no warm-up).
+
+    `head: conv1x1` is the spatial form for discrepancies over feature-map locations (those with a
+    `Discrepancy.layout`, e.g. detection imitation): per map, `Conv2d(C, 1, 1) + BatchNorm2d(1)` on the
+    student's map of the same size predicts one log σ² per location (shared by its channels), for any
+    image size. Its embedding is the student's maps (a dict by level name, e.g. the tap `fpn`). With the
+    linear head, an embedding that is a dict or list of maps is pooled map by map and concatenated.
     """
 
     needs_embedding = True
@@ -223,10 +273,16 @@ class PAD(Weighting):
         clamp: tuple[float, float] | None = None,
         detach_input: bool = False,
         warmup_steps: int = DEFAULT_WARMUP_STEPS,
+        head: Literal["linear", "conv1x1"] = "linear",
     ) -> None:
         super().__init__()
         if mode not in ("per_element", "per_sample"):
             raise ValueError(f"PAD mode must be 'per_element' or 'per_sample', got {mode!r}")
+        if head not in ("linear", "conv1x1"):
+            raise ValueError(f"PAD head must be 'linear' or 'conv1x1', got {head!r}")
+        if head == "conv1x1" and (mode != "per_element" or in_dim is not None or out_dim is not None):
+            raise ValueError("PAD head 'conv1x1' predicts one log σ² per location: use mode per_element and "
+                             "leave in_dim/out_dim out (its width comes from the feature maps)")
         if init not in ("data", "reference"):
             raise ValueError(f"PAD init must be 'data' or 'reference', got {init!r}")
         if not eps > 0:
@@ -242,7 +298,9 @@ class PAD(Weighting):
         self.clamp = clamp
         self.detach_input = detach_input
         self.warmup_steps = warmup_steps
-        self.head: nn.Sequential | None = None
+        self.head_kind = head
+        #: linear: Sequential(Linear, BatchNorm1d); conv1x1: ModuleDict of Sequential(Conv2d, BatchNorm2d) by map.
+        self.head: nn.Module | None = None
         self._ready = False  # python mirror of `initialized`: no host sync per step
         # Saved in checkpoints: a resumed run neither re-initialises the head nor restarts warm-up.
         self.register_buffer("initialized", torch.tensor(False))
@@ -262,6 +320,38 @@ class PAD(Weighting):
         nn.init.zeros_(linear.bias)
         self.head = nn.Sequential(linear, nn.BatchNorm1d(out_dim))
 
+    def _make_maps_head(self, maps: dict[str, Tensor]) -> None:
+        heads = nn.ModuleDict()
+        for name, x in maps.items():
+            conv = nn.Conv2d(x.shape[1], 1, kernel_size=1)
+            nn.init.xavier_normal_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            heads[name] = nn.Sequential(conv, nn.BatchNorm2d(1))
+        self.head = heads
+
+    def _maps(self, embedding: Any, layout: list[tuple[str, int, int]] | None) -> dict[str, Tensor]:
+        """The student map under each entry of the discrepancy's layout (for the conv1x1 head)."""
+        fix = "set the term's embedding to the student maps the method reads (e.g. embedding: fpn)"
+        if layout is None:
+            raise PadkdError("PAD head 'conv1x1' predicts per-location variances, but this method's discrepancies "
+                             "are not feature-map locations (no layout); use head: linear")
+        maps = {}
+        for name, h, w in layout:
+            if isinstance(embedding, dict):
+                if name not in embedding:
+                    raise PadkdError(f"PAD head 'conv1x1': the embedding has no map '{name}' (it has "
+                                     f"{list(embedding)}); {fix}")
+                x = embedding[name]
+            elif isinstance(embedding, Tensor) and len(layout) == 1:
+                x = embedding
+            else:
+                raise PadkdError(f"PAD head 'conv1x1' needs feature maps by name as its embedding; {fix}")
+            if x.dim() != 4 or tuple(x.shape[-2:]) != (h, w):
+                raise PadkdError(f"PAD head 'conv1x1': embedding map '{name}' has shape {tuple(x.shape)} but the "
+                                 f"discrepancy's locations are {h}x{w}; {fix}")
+            maps[name] = x
+        return maps
+
     def check(self, method: Method) -> None:
         super().check(method)
         if self.mode == "per_element" and method.elements == "exchangeable":
@@ -272,9 +362,11 @@ class PAD(Weighting):
     def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
         if embedding is None:
             raise ValueError("PAD needs a student embedding to predict log σ² from")
-        if self.head is None:
+        if self.head is None and self.head_kind == "conv1x1":
+            self._make_maps_head(self._maps(embedding, d.layout))
+        elif self.head is None:
             out_dim = 1 if self.mode == "per_sample" else d.elements
-            self._make_head(pool(embedding).shape[1], out_dim)
+            self._make_head(pooled(embedding).shape[1], out_dim)
         if self.init == "data" and not self._ready:
             self._init_from(d)
 
@@ -283,7 +375,9 @@ class PAD(Weighting):
         """Set the BN bias so that σ² starts at the batch's mean discrepancy (geometric centre)."""
         assert self.head is not None
         mean_d = float(batch_mean(d.reduce_elements(mean=True).float(), d.sample_mask()))
-        self.head[1].bias.fill_(math.log(max(mean_d, self.eps) + self.eps))
+        norms = [seq[1] for seq in self.head.values()] if isinstance(self.head, nn.ModuleDict) else [self.head[1]]
+        for norm in norms:
+            norm.bias.fill_(math.log(max(mean_d, self.eps) + self.eps))
         self.initialized.fill_(True)
         self._ready = True
 
@@ -291,12 +385,18 @@ class PAD(Weighting):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)
 
-    def log_var(self, embedding: Tensor) -> Tensor:
-        """Predicted log σ², `[B, out_dim]`, after the floor and clamp."""
+    def log_var(self, embedding: Any, layout: list[tuple[str, int, int]] | None = None) -> Tensor:
+        """Predicted log σ², `[B, out_dim]` (conv1x1 head: `[B, E]` over the layout's locations), after the
+        floor and clamp."""
         if self.head is None:
             raise RuntimeError("PAD head not built: pass in_dim or call build() with an example batch")
-        x = pool(embedding.detach() if self.detach_input else embedding)
-        s = self.head(x.float()).float()
+        if isinstance(self.head, nn.ModuleDict):
+            maps = self._maps(embedding, layout)
+            s = torch.cat([self.head[name]((x.detach() if self.detach_input else x).float()).flatten(1)
+                           for name, x in maps.items()], dim=1).float()
+        else:
+            x = pooled(embedding)
+            s = self.head((x.detach() if self.detach_input else x).float()).float()
         if self.log_var_floor is not None:
             s = self.log_var_floor + F.softplus(s - self.log_var_floor)
         if self.clamp is not None:
@@ -311,12 +411,14 @@ class PAD(Weighting):
             self.build(d, embedding)
         with torch.autocast(device_type=d.value.device.type, enabled=False):
             values, _ = d.matrix()
-            s = self.log_var(embedding)
+            s = self.log_var(embedding, d.layout)
             if s.shape[1] not in (1, values.shape[1]):
+                fix = "head: conv1x1 (one variance per location) or mode: per_sample" if d.layout else \
+                    "mode: per_sample"
                 raise PadkdError(
                     f"PAD head predicts {s.shape[1]} log-variances per sample but this discrepancy has "
                     f"E={values.shape[1]} elements (its size changed since the head was built, e.g. another "
-                    "input size); use weighting mode: per_sample"
+                    f"input size); use weighting {fix}"
                 )
             s = s.expand_as(values)
             nll = values.float() / (torch.exp(s) + self.eps) + s

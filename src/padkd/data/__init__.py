@@ -90,6 +90,7 @@ DATASETS: Registry[DataSplits] = Registry("dataset")
 
 from padkd.data import (  # noqa: E402,F401  (register the built-in datasets and samplers)
     cifar,
+    coco,
     digits,
     folder,
     mnist,

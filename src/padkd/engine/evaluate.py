@@ -17,6 +17,7 @@ def evaluate(task: Task, model: nn.Module, loader: Iterable[Batch]) -> dict[str,
     was_training = model.training
     model.eval()
     evaluator = task.evaluator()
+    evaluator.attach(getattr(loader, "dataset", None))
     try:
         for batch in loader:
             evaluator.update(task.forward(model, batch, training=False), batch)

@@ -7,6 +7,7 @@ detection differ only here.
 
 from padkd.tasks.base import TASKS, Evaluator, Task
 from padkd.tasks.classification import Classification
+from padkd.tasks.detection import Detection
 from padkd.tasks.retrieval import Retrieval
 
-__all__ = ["TASKS", "Task", "Evaluator", "Classification", "Retrieval"]
+__all__ = ["TASKS", "Task", "Evaluator", "Classification", "Detection", "Retrieval"]

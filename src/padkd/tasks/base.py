@@ -18,6 +18,10 @@ class Evaluator:
     """Accumulates a split batch by batch (`update`), then `compute()` gives the metrics over the whole
     split, gathered across ranks (so Recall@K and mAP, which need every sample, fit as well as accuracy)."""
 
+    def attach(self, dataset: Any) -> None:
+        """Called with the evaluated split's dataset before the first `update`, for evaluators that score
+        against split-level ground truth (COCO's annotation file); the default needs none."""
+
     def update(self, output: Any, batch: Batch) -> None:
         raise NotImplementedError
 
@@ -39,6 +43,9 @@ class Task:
     find_unused_parameters: bool = False
     #: How dataset items `(input, target, index)` become a Batch.
     collate: Callable[[list[Any]], Batch] = staticmethod(stack_collate)
+    #: Student tap paths that `teacher_forward` reads (the Distiller taps them whenever the teacher runs),
+    #: e.g. a detector's `transform`, whose resized and padded images the teacher's backbone takes.
+    student_taps: frozenset[str] = frozenset()
 
     def model_kwargs(self, data: DataSplits) -> dict[str, Any]:
         """The `model_fields` values for this data set."""
