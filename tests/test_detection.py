@@ -215,7 +215,7 @@ def test_pad_conv1x1_over_locations_equals_formula_with_mask() -> None:
     d = torch.rand(3, 20) * 2
     mask = torch.rand(3, 20) > 0.4
     mask[:, 0] = True
-    pad = PAD(head="conv1x1", eps=0.0, init="reference", log_var_floor=None, warmup_steps=0)
+    pad = PAD(head="conv1x1", eps=1e-30, init="reference", log_var_floor=None, warmup_steps=0)
     disc = Discrepancy(torch.where(mask, d, torch.zeros(())), mask, layout=layout)
     pad.build(disc, maps)
     pad.eval()
@@ -254,7 +254,7 @@ def test_pad_conv1x1_data_init_and_errors() -> None:
 def test_pad_per_sample_pools_fpn_dicts() -> None:
     torch.manual_seed(3)
     maps = {"0": torch.randn(4, 3, 4, 4), "1": torch.randn(4, 2, 2, 2)}
-    pad = PAD(mode="per_sample", eps=0.0, init="reference", log_var_floor=None, warmup_steps=0).eval()
+    pad = PAD(mode="per_sample", eps=1e-30, init="reference", log_var_floor=None, warmup_steps=0).eval()
     d = torch.rand(4, 20)
     out = pad(d, maps)
     assert pad.head[0].in_features == 5
