@@ -29,7 +29,7 @@ from padkd.engine.stage import StageRun
 from padkd.methods import Hint
 from padkd.models import MODELS
 from padkd.tasks import Classification
-from padkd.weighting import PAD, Uniform
+from padkd.weighting import PAD, Uniform, Weighting
 
 #: name → (teacher, student, image size, batch size, number of classes)
 PAIRS: dict[str, tuple[dict, dict, int, int, int]] = {
@@ -67,9 +67,10 @@ def hand_written(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float
     return step
 
 
-def padkd_step(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float, pad: bool) -> Callable[[], None]:
-    """The same step through Distiller and StageRun."""
-    weighting = PAD(mode="per_sample") if pad else Uniform()
+def padkd_step(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float,
+               weighting: Weighting | None = None) -> Callable[[], None]:
+    """The same step through Distiller and StageRun (uniform weighting unless `weighting` is given)."""
+    weighting = weighting or Uniform()
     distiller = Distiller(student, teacher, [Term("hint", Hint(), weighting, student="fc:in", teacher="fc:in",
                                                   weight=1.0)], task=Classification())
     distiller.prepare(batch)
@@ -96,8 +97,8 @@ def main() -> None:
 
     steps: dict[str, Callable[[], None]] = {}
     for name, make in (("hand-written", lambda t, s: hand_written(t, s, batch, 0.05)),
-                       ("padkd uniform", lambda t, s: padkd_step(t, s, batch, 0.05, pad=False)),
-                       ("padkd pad", lambda t, s: padkd_step(t, s, batch, 0.05, pad=True))):
+                       ("padkd uniform", lambda t, s: padkd_step(t, s, batch, 0.05)),
+                       ("padkd pad", lambda t, s: padkd_step(t, s, batch, 0.05, PAD(mode="per_sample")))):
         torch.manual_seed(0)
         steps[name] = make(build(teacher_spec), build(student_spec))
 

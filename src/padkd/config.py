@@ -6,6 +6,7 @@ Every error names the key path and the fix: `stages[0].optimizer.lrr: unknown ke
 
 from __future__ import annotations
 
+import copy
 import json
 import reprlib
 import types
@@ -95,6 +96,9 @@ class TermConfig(Strict):
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0, le=1e6)
+    #: The LR is given per this many images of the global batch (batch_size × processes × accumulate):
+    #: the engine uses lr × global batch / lr_per (the linear scaling rule). null: lr as given.
+    lr_per: int | None = Field(None, ge=1)
     momentum: float = Field(0.9, ge=0, le=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=1)
@@ -364,6 +368,19 @@ def safe_yaml(text: str, where: str) -> Any:
         loader.dispose()
 
 
+#: Parsed config texts (text → value): a base that many recipes extend is parsed once per process.
+_PARSED: dict[str, Any] = {}
+
+
+def _parse_file_text(text: str, where: str) -> Any:
+    """`safe_yaml` of a config file's text, memoised by the text (a deep copy each time)."""
+    if text not in _PARSED:
+        if len(_PARSED) >= 1024:
+            _PARSED.clear()
+        _PARSED[text] = safe_yaml(text, where)
+    return copy.deepcopy(_PARSED[text])
+
+
 def _read_yaml(path: Path) -> Any:
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
@@ -376,20 +393,29 @@ def _read_yaml(path: Path) -> Any:
         raise PadkdError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
                          "save the file as UTF-8") from None
     try:
-        return safe_yaml(text, str(path))
+        return _parse_file_text(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise PadkdError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
 
 
-def merge(base: Any, delta: Any) -> Any:
-    """`delta` over `base`: mappings merge key by key (recursively), anything else is replaced."""
+def merge(base: Any, delta: Any, where: str = "") -> Any:
+    """`delta` over `base`: mappings merge key by key (recursively), a mapping with integer keys over a list
+    patches the list's items by index (`stages: {1: {epochs: 80}}`), anything else is replaced."""
     if isinstance(base, dict) and isinstance(delta, dict):
         out = dict(base)
         for key, value in delta.items():
-            out[key] = merge(base[key], value) if key in base else value
+            out[key] = merge(base[key], value, f"{where}.{key}" if where else str(key)) if key in base else value
         return out
+    if isinstance(base, list) and isinstance(delta, dict) and delta and all(type(k) is int for k in delta):
+        items = list(base)
+        for index, value in delta.items():
+            if not 0 <= index < len(items):
+                raise PadkdError(f"{where}: patch index {index} is not an item of the base's list of {len(items)}; "
+                                 f"use 0..{len(items) - 1}, or give the whole list")
+            items[index] = merge(items[index], value, f"{where}[{index}]")
+        return items
     return delta
 
 
@@ -413,10 +439,14 @@ def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise PadkdError(f"{path}: extends must be a relative path or a list of them, got {bases!r}")
+    layers = [read_raw(path.parent / base, (*_chain, path.resolve())) for base in bases] + [raw]
     merged: dict[str, Any] = {}
-    for base in bases:
-        merged = merge(merged, read_raw(path.parent / base, (*_chain, path.resolve())))
-    return merge(merged, raw)
+    try:
+        for layer in layers:
+            merged = merge(merged, layer)
+    except PadkdError as err:
+        raise PadkdError(f"{path}: {err}") from None
+    return merged
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

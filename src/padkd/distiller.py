@@ -266,7 +266,8 @@ class Distiller(nn.Module):
         s_values, t_values = self._features(batch)
         losses: dict[str, Tensor] = {}
         records: dict[str, dict[str, Tensor]] = {}
-        if self.task is not None:
+        # A zero-weighted task loss (an init stage) is not computed: 0 × an overflowing loss would be NaN.
+        if self.task is not None and (self.task_weight != 0 or not self.terms):
             losses["task"] = self.task_weight * self.task.loss(s_values[OUTPUT], batch)
         for term in self.terms:
             assert t_values is not None

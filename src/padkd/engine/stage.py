@@ -43,21 +43,34 @@ def lr_factor(s: SchedulerConfig, epoch: float, epochs: int, base_lr: float) -> 
     return 1.0
 
 
-def build_optimizer(o: OptimizerConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """SGD or AdamW over parameter groups that carry their own `lr_scale`."""
+def base_lr(o: OptimizerConfig, global_batch: int | None) -> float:
+    """The stage's LR before its schedule: `lr`, or `lr × global_batch / lr_per` when the config gives the
+    LR per `lr_per` images (the linear scaling rule, Goyal et al. 2017)."""
+    if o.lr_per is None:
+        return o.lr
+    if global_batch is None:
+        raise ValueError("optimizer.lr_per scales the LR by the global batch size, which was not given")
+    return o.lr * global_batch / o.lr_per
+
+
+def build_optimizer(o: OptimizerConfig, groups: list[dict[str, Any]], lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over parameter groups that carry their own `lr_scale`; `lr` (default `o.lr`) is the base LR."""
+    lr = o.lr if lr is None else lr
     for group in groups:
-        group["lr"] = o.lr * group["lr_scale"]
+        group["lr"] = lr * group["lr_scale"]
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 class StageRun:
-    """A stage's distiller, DDP wrapper, optimizer, grad scaler and meters; `step()` trains one micro-batch."""
+    """A stage's distiller, DDP wrapper, optimizer, grad scaler and meters; `step()` trains one micro-batch.
+
+    `batch_size` (per process) sets the global batch that an `optimizer.lr_per` scales the LR by."""
 
     def __init__(self, stage: StageConfig, distiller: Distiller, engine: EngineConfig, device: torch.device,
-                 world: int) -> None:
+                 world: int, batch_size: int | None = None) -> None:
         self.stage = stage
         self.distiller = distiller
         self.engine = engine
@@ -66,7 +79,8 @@ class StageRun:
         if not groups:
             raise ValueError(f"stage '{stage.name}' trains nothing: its 'trainable' list selects no student "
                              "module and every term has lr_scale 0")
-        self.optimizer = build_optimizer(stage.optimizer, groups)
+        self.base_lr = base_lr(stage.optimizer, None if batch_size is None else batch_size * engine.accumulate * world)
+        self.optimizer = build_optimizer(stage.optimizer, groups, self.base_lr)
         self.scaler = torch.amp.GradScaler(device.type, enabled=engine.precision == "fp16")
         self.model: nn.Module = distiller
         if world > 1:
@@ -91,8 +105,7 @@ class StageRun:
     # ------------------------------------------------------------------ training
     def set_lr(self, epoch: float) -> float:
         """Set every group's LR for fractional `epoch` of the stage; returns the base LR."""
-        o = self.stage.optimizer
-        lr = o.lr * lr_factor(self.stage.scheduler, epoch, self.stage.epochs, o.lr)
+        lr = self.base_lr * lr_factor(self.stage.scheduler, epoch, self.stage.epochs, self.base_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         return lr

@@ -324,7 +324,7 @@ class Trainer:
             example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
             distiller.prepare(example, self.data.info(), self.world, previous)
         try:
-            run = StageRun(stage, distiller, cfg.engine, self.device, self.world)
+            run = StageRun(stage, distiller, cfg.engine, self.device, self.world, cfg.data.batch_size)
         except ValueError as err:
             raise PadkdError(f"{where}: {err}") from None
         if state is not None:

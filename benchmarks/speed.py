@@ -1,0 +1,370 @@
+"""How fast is padkd? Four measurements in one run; within each, the variants run in rounds whose order is
+shuffled, so machine noise hits all alike, and the median over rounds is reported.
+
+1. PAD-L2 step / plain-L2 step, both through padkd (target <= 1.03): what PAD's variance head adds.
+2. padkd's L2 step / the same step written by hand (target <= 1.05): what the toolkit's plumbing costs.
+   (1) and (2) time single training steps of resnet56 -> resnet20 on one fixed batch (benchmarks/overhead.py's
+   hand-written step and padkd step), CE + L2 on the pooled embeddings, SGD.
+3. Whole-pipeline training throughput, data loading and augmentation included, evaluation excluded: the
+   CIFAR-100 KD recipe (configs/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
+   (examples/torchvision/image_classification.py of github.com/yoshitomo-matsubara/torchdistill, passed with
+   --torchdistill-script; without it that row is skipped) on the same generated CIFAR-100 files, the same models
+   (resnet56 -> resnet20, random initialisation), batch, epochs, worker processes and threads; padkd at equal
+   settings (fp32, no compile) and with --best options. Throughput is counted over the epochs after the first
+   (warm-up, compilation): padkd's from its per-epoch training time (metrics.jsonl, the whole epoch),
+   torchdistill's from the mean iteration time (data loading included) over the last 20 iterations of each
+   epoch, which its MetricLogger prints at the epoch's last iteration.
+4. Peak memory of each pipeline run: the peak RSS of its process (and peak allocated CUDA memory on a GPU).
+
+Each pipeline run is its own process. torchvision's CIFAR100 checks the files' MD5 sums against the original
+archive's; the generated files have the format but not those bytes, so the torchdistill run disables that check
+(and only that) before running the script unchanged.
+
+    python benchmarks/speed.py [--torchdistill-script PATH] [--images 640] [--epochs 3] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from input_pipeline import cpu_name, write_cifar100  # noqa: E402
+from overhead import PAIRS, hand_written, padkd_step  # noqa: E402
+
+from padkd.batch import Batch  # noqa: E402
+from padkd.models import MODELS  # noqa: E402
+from padkd.weighting import PAD  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
+#: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
+BEST = ["engine.compile=true"]
+
+# ---------------------------------------------------------------- (1), (2): one training step
+
+
+def time_steps(rounds: int, steps: int, threads: int) -> dict[str, float]:
+    """Median seconds per step of the hand-written L2 step, padkd's L2 step and padkd's PAD-L2 step."""
+    torch.set_num_threads(threads)
+    teacher_spec, student_spec, size, batch_size, classes = PAIRS["resnet56-resnet20"]
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(batch_size, 3, size, size, generator=g),
+                  torch.randint(0, classes, (batch_size,), generator=g), torch.arange(batch_size))
+
+    def build(spec: dict) -> torch.nn.Module:
+        spec = dict(spec)
+        return MODELS.build(spec.pop("name"), spec, "model", in_channels=3, num_classes=classes)
+
+    makers: dict[str, Callable[[torch.nn.Module, torch.nn.Module], Callable[[], None]]] = {
+        "hand-written L2": lambda t, s: hand_written(t, s, batch, 0.05),
+        "padkd L2": lambda t, s: padkd_step(t, s, batch, 0.05),
+        "padkd PAD-L2": lambda t, s: padkd_step(t, s, batch, 0.05, PAD(mode="per_element")),
+    }
+    step_fns = {}
+    for name, make in makers.items():
+        torch.manual_seed(0)
+        step_fns[name] = make(build(teacher_spec), build(student_spec))
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step_fns[name]()
+        return (time.perf_counter() - start) / steps
+
+    for name in step_fns:  # warm-up, not timed
+        timed(name)
+    times: dict[str, list[float]] = {name: [] for name in step_fns}
+    order, rng = list(step_fns), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timed(name))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ---------------------------------------------------------------- (3), (4): the whole pipeline
+
+_REPORT = """
+import json, resource, torch
+def report(**extra):
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    print("SPEED_JSON " + json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                      "cuda_peak_mb": peak, **extra}), flush=True)
+"""
+
+_PADKD = """
+import sys
+torch.set_num_threads({threads})
+from padkd.cli import main
+rc = main({argv!r})
+report(rc=rc)
+"""
+
+_TORCHDISTILL = """
+import runpy, sys
+import torchvision.datasets.cifar as cifar
+cifar.check_integrity = lambda *args, **kwargs: True      # generated files: the format, not the archive's bytes
+cifar.CIFAR10._check_integrity = lambda self: True
+torch.set_num_threads({threads})
+sys.argv = {argv!r}
+error = None
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except BaseException as err:  # a crash after training still leaves its measured epochs in the log
+    error = f"{{type(err).__name__}}: {{str(err)[:200]}}"
+report(error=error)
+"""
+
+_TORCHDISTILL_CONFIG = """\
+datasets:
+  cifar100/train: !import_call
+    key: torchvision.datasets.CIFAR100
+    init:
+      kwargs:
+        root: {root}
+        train: True
+        download: False
+        transform: !import_call
+          key: torchvision.transforms.Compose
+          init:
+            kwargs:
+              transforms:
+                - !import_call {{key: torchvision.transforms.RandomCrop, init: {{kwargs: {{size: 32, padding: 4}}}}}}
+                - !import_call {{key: torchvision.transforms.RandomHorizontalFlip, init: {{kwargs: {{p: 0.5}}}}}}
+                - !import_call {{key: torchvision.transforms.ToTensor, init: }}
+                - !import_call {{key: torchvision.transforms.Normalize, init: {{kwargs: &normalize
+                    {{mean: [0.5071, 0.4867, 0.4408], std: [0.2675, 0.2565, 0.2761]}}}}}}
+  cifar100/test: !import_call
+    key: torchvision.datasets.CIFAR100
+    init:
+      kwargs:
+        root: {root}
+        train: False
+        download: False
+        transform: !import_call
+          key: torchvision.transforms.Compose
+          init:
+            kwargs:
+              transforms:
+                - !import_call {{key: torchvision.transforms.ToTensor, init: }}
+                - !import_call {{key: torchvision.transforms.Normalize, init: {{kwargs: *normalize}}}}
+models:
+  teacher_model:
+    key: resnet56
+    kwargs: {{num_classes: 100, pretrained: False}}
+    src_ckpt:
+  student_model:
+    key: resnet20
+    kwargs: {{num_classes: 100, pretrained: False}}
+    src_ckpt:
+    dst_ckpt: {out}/student.pt
+train:
+  log_freq: {log_freq}
+  num_epochs: {epochs}
+  train_data_loader:
+    dataset_id: cifar100/train
+    sampler: {{class_or_func: !import_get {{key: torch.utils.data.RandomSampler}}, kwargs: }}
+    kwargs: {{batch_size: {batch}, num_workers: {workers}, pin_memory: {pin}, drop_last: True}}
+    cache_output:
+  val_data_loader:
+    dataset_id: cifar100/test
+    sampler: &val_sampler {{class_or_func: !import_get {{key: torch.utils.data.SequentialSampler}}, kwargs: }}
+    kwargs: {{batch_size: 256, num_workers: {workers}, pin_memory: {pin}, drop_last: False}}
+  teacher:
+    forward_proc: forward_batch_only
+    sequential: []
+    wrapper: DataParallel
+    requires_grad: False
+    frozen_modules: []
+  student:
+    forward_proc: forward_batch_only
+    adaptations:
+    sequential: []
+    wrapper: DistributedDataParallel
+    requires_grad: True
+    frozen_modules: []
+  optimizer: {{key: SGD, kwargs: {{lr: 0.05, momentum: 0.9, weight_decay: 0.0005}}}}
+  scheduler: {{key: MultiStepLR, kwargs: {{milestones: [150, 180, 210], gamma: 0.1}}}}
+  criterion:
+    key: WeightedSumLoss
+    kwargs:
+      sub_terms:
+        kd:
+          criterion:
+            key: KDLoss
+            kwargs:
+              student_module_path: .
+              student_module_io: output
+              teacher_module_path: .
+              teacher_module_io: output
+              temperature: 4.0
+              alpha: 0.1
+              reduction: batchmean
+          weight: 1.0
+test:
+  test_data_loader:
+    dataset_id: cifar100/test
+    sampler: *val_sampler
+    kwargs: {{batch_size: 256, num_workers: {workers}, pin_memory: {pin}, drop_last: False}}
+"""
+
+#: torchdistill's MetricLogger line: `Epoch: [1]  [39/40]  ... time: 0.3012  data: 0.0101`, where `time` is the mean
+#: seconds per iteration (data loading included) over the last 20 iterations.
+_ITERATION = re.compile(r"Epoch: \[(\d+)\]\s+\[\s*(\d+)/(\d+)\].*?time: ([\d.]+)")
+
+
+def _run(code: str, threads: int) -> dict:
+    """Run `code` in a fresh Python process (with `report()` defined); its SPEED_JSON line (peak memory, errors)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", _REPORT + code], env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SPEED_JSON ")]
+    if not lines:
+        raise RuntimeError(f"benchmark process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("SPEED_JSON "))
+
+
+def run_padkd(args: argparse.Namespace, data: Path, out: Path, extra: list[str]) -> dict:
+    argv = ["train", str(RECIPE), f"output_dir={out}", f"data.root={data}", f"data.batch_size={args.batch}",
+            f"data.num_workers={args.workers}", f"device={args.device}", "teacher.checkpoint=null",
+            f"stages.0.epochs={args.epochs}", "records.splits=[]", "log.tensorboard=false", "log.progress=none",
+            *extra, "--quiet"]
+    result = _run(_PADKD.format(threads=args.threads, argv=argv), args.threads)
+    if result["rc"] != 0:
+        raise RuntimeError(f"padkd train failed with exit code {result['rc']}")
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["event"] == "epoch"]
+    steps = [b["global_step"] - a["global_step"] for a, b in zip(epochs, epochs[1:], strict=False)]
+    images = sum(s * args.batch for s in steps)
+    result["images_per_s"] = images / sum(e["time_s"] for e in epochs[1:])
+    return result
+
+
+def run_torchdistill(args: argparse.Namespace, data: Path, out: Path) -> dict:
+    out.mkdir(parents=True)
+    steps = args.images // args.batch
+    config = out / "config.yaml"
+    config.write_text(_TORCHDISTILL_CONFIG.format(root=data, out=out, log_freq=max(steps - 1, 1), epochs=args.epochs,
+                                                  batch=args.batch, workers=args.workers,
+                                                  pin=args.device == "cuda"))
+    log = out / "run.log"
+    argv = [str(args.torchdistill_script), "--config", str(config), "--device", args.device, "--run_log", str(log),
+            "--seed", "0"]
+    result = _run(_TORCHDISTILL.format(threads=args.threads, argv=argv), args.threads)
+    mean_iteration: dict[int, float] = {}
+    for match in _ITERATION.finditer(log.read_text() if log.exists() else ""):
+        epoch, index, total, average = match.groups()
+        if int(index) == int(total) - 1:
+            mean_iteration[int(epoch)] = float(average)  # the mean over the epoch's last 20 iterations
+    measured = [mean_iteration[e] for e in range(1, args.epochs) if e in mean_iteration]
+    if len(measured) != args.epochs - 1:
+        raise RuntimeError(f"torchdistill's log {log} lacks the last iteration of an epoch; error: {result['error']}")
+    result["images_per_s"] = args.batch / statistics.mean(measured)
+    return result
+
+
+def write_data(root: Path, images: int, test_images: int) -> None:
+    """CIFAR-100 in the authors' layout, with `meta` (torchvision's CIFAR100 reads the class names)."""
+    write_cifar100(root, images, test_images, seed=0)
+    meta = {"fine_label_names": [f"class{k}" for k in range(100)],
+            "coarse_label_names": [f"super{k}" for k in range(20)]}
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torchdistill-script", type=Path, help="torchdistill's examples/torchvision/"
+                        "image_classification.py (its repository's file; torchdistill itself must be installed)")
+    parser.add_argument("--images", type=int, default=640, help="generated training images")
+    parser.add_argument("--test-images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per pipeline run; the first is not counted")
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline rounds (each runs every variant once)")
+    parser.add_argument("--step-rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per step round")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (both pipelines)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--best", nargs="*", default=BEST, help="padkd overrides of the 'padkd best' variant")
+    parser.add_argument("--skip-steps", action="store_true", help="only the pipeline measurements")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is not counted)")
+    machine = (torch.cuda.get_device_name() if args.device == "cuda" else
+               f"CPU {cpu_name()} ({os.cpu_count()} cores visible)")
+    print(f"padkd speed: {machine}, torch {torch.__version__}, {args.threads} thread(s), {args.workers} workers, "
+          f"device {args.device}")
+
+    if not args.skip_steps:
+        if args.device == "cuda":
+            print("steps (1), (2): timed on the CPU only")
+        step = time_steps(args.step_rounds, args.steps, args.threads)
+        print(f"\n1-2. one training step, resnet56 -> resnet20, batch 64, 3x32x32, CE + L2 on the pooled embeddings; "
+              f"median of {args.step_rounds} rounds x {args.steps} steps, order shuffled each round")
+        print(f"{'variant':20s} {'ms/step':>8s}")
+        for name, seconds in step.items():
+            print(f"{name:20s} {1000 * seconds:8.1f}")
+        print(f"(1) PAD-L2 step / L2 step:          {step['padkd PAD-L2'] / step['padkd L2']:.3f}  (target <= 1.03)")
+        print(f"(2) padkd step / hand-written step: {step['padkd L2'] / step['hand-written L2']:.3f}  "
+              f"(target <= 1.05)")
+
+    variants: dict[str, Callable[[Path, Path], dict]] = {
+        "padkd fp32": lambda data, out: run_padkd(args, data, out, []),
+        "padkd best": lambda data, out: run_padkd(args, data, out, list(args.best)),
+    }
+    if args.torchdistill_script is not None:
+        import torchdistill
+
+        tag = f"torchdistill {torchdistill.__version__}"
+        variants[tag] = lambda data, out: run_torchdistill(args, data, out)
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_data(data, args.images, args.test_images)
+        order, rng = list(variants), random.Random(1)
+        for round_index in range(args.rounds):
+            rng.shuffle(order)
+            for name in order:
+                out = Path(tmp) / f"{name.replace(' ', '_')}-{round_index}"
+                results[name].append(variants[name](data, out))
+    print(f"\n3-4. whole pipeline, CIFAR-100 KD resnet56 -> resnet20: {args.images} generated training images, batch "
+          f"{args.batch}, {args.epochs} epochs (the first not counted), evaluation excluded; median of {args.rounds} "
+          "rounds, order shuffled each round")
+    print(f"'padkd best' = {' '.join(args.best) or '(no overrides)'}")
+    memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
+    print(f"{'variant':22s} {'images/s':>9s} {'min':>8s} {'max':>8s} {memory:>14s}  note")
+    rate: dict[str, float] = {}
+    for name, runs in results.items():
+        values = [r["images_per_s"] for r in runs]
+        rate[name] = statistics.median(values)
+        peak = max(r["cuda_peak_mb"] if args.device == "cuda" else r["peak_rss_mb"] for r in runs)
+        errors = {r.get("error") for r in runs if r.get("error")}
+        note = f"exited with {sorted(errors)[0]}" if errors else ""
+        print(f"{name:22s} {rate[name]:9.1f} {min(values):8.1f} {max(values):8.1f} {peak:14.0f}  {note}")
+    if args.torchdistill_script is None:
+        print("(3) torchdistill: skipped; pass --torchdistill-script PATH (examples/torchvision/"
+              "image_classification.py of github.com/yoshitomo-matsubara/torchdistill)")
+        return
+    tag = next(name for name in rate if name.startswith("torchdistill"))
+    print(f"(3) padkd fp32 / {tag}: {rate['padkd fp32'] / rate[tag]:.2f}x  (target >= 1.0)")
+    print(f"(3) padkd best / {tag}: {rate['padkd best'] / rate[tag]:.2f}x  (target >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
