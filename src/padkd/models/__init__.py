@@ -104,4 +104,4 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
     return model
 
 
-from padkd.models import cifar, external, retrieval  # noqa: E402,F401  (the CIFAR zoo, timm, embedding nets)
+from padkd.models import cifar, external, lenet, retrieval  # noqa: E402,F401  (the CIFAR zoo, timm, embedding nets)
