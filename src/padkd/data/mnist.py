@@ -107,7 +107,8 @@ def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, spli
     return DataSplits(
         train=train,
         val=TensorData(normalize(train_x[val_idx]), train_y[val_idx]),
-        test=TensorData(normalize(pixels(arrays["test_images"])), torch.tensor(arrays["test_labels"], dtype=torch.long)),
+        test=TensorData(normalize(pixels(arrays["test_images"])),
+                        torch.tensor(arrays["test_labels"], dtype=torch.long)),
         num_classes=10,
         in_channels=1,
         normalization=((MEAN,), (STD,)),

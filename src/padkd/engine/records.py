@@ -18,7 +18,6 @@ from padkd.batch import Batch
 from padkd.distiller import Distiller
 from padkd.tasks.base import Task
 
-
 Table = dict[str, torch.Tensor]
 
 
