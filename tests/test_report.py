@@ -179,7 +179,7 @@ def test_report_skips_what_it_cannot_draw(tmp_path: Path, test_labels: list[int]
     for csv_path in (tmp_path / "seed0" / "pad_l2" / "records").iterdir():
         csv_path.unlink()
     text = write_report(tmp_path).read_text()
-    assert "No variance summary: no test records CSV with a `hint.log_var` column" in text
+    assert "No variance summary: no records CSV (test, val or train split) with a `hint.log_var` column" in text
 
 
 def test_report_needs_results_json(tmp_path: Path):
