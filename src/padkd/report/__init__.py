@@ -210,8 +210,8 @@ def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
     dim_d = dim_v = None
     if dims.is_file():
         per_dim = read_csv(dims)
-        if f"{term}.log_var" in per_dim:
-            dim_d, dim_v = np.asarray(per_dim[f"{term}.discrepancy"]), np.asarray(per_dim[f"{term}.log_var"])
+        if "log_var" in per_dim:
+            dim_d, dim_v = np.asarray(per_dim["discrepancy"]), np.asarray(per_dim["log_var"])
     return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table["target"], dtype=int),
                       np.asarray(table["teacher_pred"], dtype=int), np.asarray(table["teacher_confidence"]),
                       np.asarray(table[f"{term}.discrepancy"]), np.asarray(table[f"{term}.log_var"]), split,
