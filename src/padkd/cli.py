@@ -159,7 +159,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from padkd.study import run_study
 
     run_study(Path(args.out), mode=args.mode, data_root=args.data_root, jobs=args.jobs, seeds=args.seeds,
-              only=args.only, quiet=args.quiet)
+              only=args.only, quiet=args.quiet, train=not args.no_train)
     return 0
 
 
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel, one thread each (default 2)")
     p.add_argument("--seeds", type=int, default=None, help="paired seeds per comparison (default: the mode's)")
     p.add_argument("--only", nargs="+", default=None, help="run only these factors (see docs/evidence.md)")
+    p.add_argument("--no-train", action="store_true", help="only analyse the runs finished so far")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_study)
     return parser

@@ -147,7 +147,7 @@ def sigma_per_dimension(dim_log_var: np.ndarray, dim_discrepancy: np.ndarray, sa
               sample_log_var - sample_log_var.mean(), np.log(sample_d) - np.log(sample_d).mean()]
     spread.boxplot(groups, showfliers=False)
     spread.set_xticks([1, 2, 3, 4], ["log σ²\nacross dims", "log d\nacross dims", "log σ²\nacross samples",
-                                     "log d\nacross samples"])
+                                     "log d\nacross samples"], fontsize=8)
     spread.set_ylabel("value minus its mean")
     spread.set_title("Spread: dimensions vs samples")
     spread.grid(alpha=0.3, axis="y")
