@@ -243,6 +243,7 @@ def test_mnist_bad_magic_and_mismatched_counts(tmp_path: Path) -> None:
 MODEL_CASES = {
     "cnn": ({"widths": [4, 8]}, 1, 8),
     "mlp": ({"hidden": [16, 8]}, 1, 8),
+    "lenet": ({"channels": [2, 4], "hidden": 16, "input_size": 8}, 1, 8),
     "torchvision": ({"arch": "resnet18"}, 3, 32),
     "timm": ({"arch": "test_resnet"}, 3, 32),
 }

@@ -331,7 +331,11 @@ def test_run_writes_metrics_events(run_a: tuple[Path, dict[str, Any]]) -> None:
 
 def test_run_writes_per_sample_records(run_a: tuple[Path, dict[str, Any]]) -> None:
     run_dir, _ = run_a
-    assert sorted(p.name for p in (run_dir / "records").iterdir()) == ["0-l2-test.csv", "1-pad-test.csv"]
+    assert sorted(p.name for p in (run_dir / "records").iterdir()) == [
+        "0-l2-test.csv", "0-l2-test.hint.elements.csv", "1-pad-test.csv", "1-pad-test.hint.elements.csv"]
+    with open(run_dir / "records" / "1-pad-test.hint.elements.csv", newline="") as f:
+        elements = list(csv.reader(f))
+    assert elements[0] == ["element", "discrepancy", "log_var", "inv_var"] and len(elements) == 1 + 16  # teacher's 16-d
     with open(run_dir / "records" / "1-pad-test.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["index", "target", "student_pred", "student_correct", "student_confidence", "teacher_pred",

@@ -179,9 +179,100 @@ def test_report_skips_what_it_cannot_draw(tmp_path: Path, test_labels: list[int]
     for csv_path in (tmp_path / "seed0" / "pad_l2" / "records").iterdir():
         csv_path.unlink()
     text = write_report(tmp_path).read_text()
-    assert "No variance summary: no test records CSV with a `hint.log_var` column" in text
+    assert "No variance summary: no records CSV (test, val or train split) with a `hint.log_var` column" in text
 
 
 def test_report_needs_results_json(tmp_path: Path):
     with pytest.raises(PadkdError, match="results.json"):
         write_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- any runs
+def fake_run(root: Path, name: str, seed: int, weighting: str, top1: float, labels: list[int] | None = None,
+             elements: bool = False) -> Path:
+    """A finished two-stage run directory as `padkd train` writes it (config, final, metrics, records)."""
+    run = root / name
+    config = {"name": name, "output_dir": str(run), "seed": seed, "log": {"tensorboard": False},
+              "data": {"name": "digits", "batch_size": 64},
+              "student": {"model": {"name": "cnn", "widths": [4, 32]}},
+              "stages": [{"name": "l2", "epochs": 3, "terms": [{"name": "hint", "weighting": {"name": "uniform"}}]},
+                         {"name": "s2", "epochs": 2, "terms": [{"name": "hint", "weighting": {"name": weighting}}]}]}
+    write_metrics(run, [("l2", 3), ("s2", 2)], 80.0 + seed)
+    (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    (run / "final.json").write_text(json.dumps({"primary_metric": "top1", "last": {"top1": top1},
+                                                "best": {"top1": top1 + 0.5}}))
+    if weighting == "pad" and labels is not None:
+        rng = np.random.default_rng(seed)
+        n = 20
+        d = np.exp(rng.uniform(-3.0, 0.0, n))
+        log_var = np.log(d) * 0.5 + rng.normal(0.0, 0.05, n)
+        write_records(run / "records" / "1-s2-test.csv", {
+            "index": list(range(n)), "target": labels[:n], "teacher_pred": labels[:n],
+            "teacher_confidence": rng.uniform(0.5, 1.0, n).tolist(), "hint.discrepancy": d.tolist(),
+            "hint.weight": np.ones(n).tolist(), "hint.log_var": log_var.tolist()})
+        if elements:
+            e = 6
+            dim_d = np.exp(np.linspace(-4.0, 1.0, e))
+            write_records(run / "records" / "1-s2-test.hint.elements.csv", {
+                "element": list(range(e)), "discrepancy": dim_d.tolist(), "log_var": (np.log(dim_d) * 0.9).tolist(),
+                "inv_var": np.exp(-np.log(dim_d) * 0.9).tolist()})
+    return run
+
+
+def test_report_runs_groups_settings_and_pairs_by_seed(tmp_path: Path, test_labels: list[int]):
+    from padkd.report import report_runs
+
+    l2 = {0: 90.0, 1: 91.0, 2: 92.5}
+    pad = {0: 91.0, 1: 91.5, 2: 93.0}
+    runs = [fake_run(tmp_path, f"l2-{s}", s, "uniform", v) for s, v in l2.items()]
+    runs += [fake_run(tmp_path, f"pad-{s}", s, "pad", v, test_labels, elements=(s == 0)) for s, v in pad.items()]
+    out = tmp_path / "report"
+    report = report_runs(runs, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["varying"] == ["stages.1.terms.0.weighting.name"]
+    assert results["methods"] == ["weighting.name=uniform", "weighting.name=pad"]
+    assert results["baseline"] == "weighting.name=uniform" and results["seeds"] == ["0", "1", "2"]
+    diffs = [pad[s] - l2[s] for s in l2]
+    mean = float(np.mean(diffs))
+    half = float(sps.t.ppf(0.975, 2)) * float(np.std(diffs, ddof=1)) / math.sqrt(3)
+    text = report.read_text()
+    def signed(x: float) -> str:
+        return f"{x:+.2f}".replace("-", "\u2212")
+
+    assert f"[{signed(mean - half)}, {signed(mean + half)}]" in text and signed(mean) in text
+    assert "](plots/factor.png)" in text and is_png(out / "plots" / "factor.png")
+    assert "](plots/sigma_per_dimension.png)" in text and is_png(out / "plots" / "sigma_per_dimension.png")
+    dim_d = np.exp(np.linspace(-4.0, 1.0, 6))
+    assert f"log σ² spreads by {np.std(np.log(dim_d) * 0.9):.2f}" in text
+    assert f"log d by {np.std(np.log(dim_d)):.2f}" in text
+    assert is_png(out / "plots" / "learning_curves.png")
+    # another baseline, by its label
+    report_runs(runs, out, baseline="weighting.name=pad")
+    assert json.loads((out / "results.json").read_text())["baseline"] == "weighting.name=pad"
+
+
+def test_report_runs_refuses_what_is_not_a_set_of_finished_runs(tmp_path: Path):
+    from padkd.report import report_runs
+
+    a = fake_run(tmp_path, "a", 0, "uniform", 90.0)
+    b = fake_run(tmp_path, "b", 0, "uniform", 91.0)
+    with pytest.raises(PadkdError, match="same setting and seed"):
+        report_runs([a, b], tmp_path / "r")
+    (b / "final.json").unlink()
+    with pytest.raises(PadkdError, match="has not finished"):
+        report_runs([a, b], tmp_path / "r")
+    with pytest.raises(PadkdError, match="no config.yaml"):
+        report_runs([tmp_path], tmp_path / "r")
+    with pytest.raises(PadkdError, match="--baseline 'x' names no setting"):
+        report_runs([a], tmp_path / "r", baseline="x")
+
+
+def test_padkd_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from padkd.cli import main
+
+    runs = [fake_run(tmp_path, f"{w}-{s}", s, w, 90.0 + s + (w == "ohem")) for w in ("uniform", "ohem")
+            for s in (0, 1)]
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
+    assert "report:" in capsys.readouterr().out
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "weighting.name=ohem" in text and "+1.00" in text and "No variance summary" in text

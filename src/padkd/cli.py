@@ -1,4 +1,4 @@
-"""`padkd` console script: train, eval, export, import-teacher, list, demo.
+"""`padkd` console script: train, eval, export, import-teacher, list, demo, report, study.
 
 User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
 2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
@@ -161,6 +161,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from padkd.report import report_runs
+
+    runs = [Path(r) for r in args.runs]
+    command = "padkd report " + " ".join(args.runs) + (f" --baseline {args.baseline}" if args.baseline else "")
+    report = report_runs(runs, Path(args.out), baseline=args.baseline, command=command)
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from padkd.study import run_study
+
+    run_study(Path(args.out), mode=args.mode, data_root=args.data_root, jobs=args.jobs, seeds=args.seeds,
+              only=args.only, quiet=args.quiet, train=not args.no_train)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="padkd", description="Prime-Aware Adaptive Distillation toolkit")
     parser.add_argument("--version", action="version", version=f"padkd {__version__}")
@@ -213,6 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("report", help="report on finished runs: curves, σ² diagnostics, paired comparisons")
+    p.add_argument("runs", nargs="+", help="run directories (output_dir of padkd train); runs that differ only by "
+                   "seed are one setting, compared with the baseline paired by seed")
+    p.add_argument("--out", default="runs/report", help="where report.md and its plots go (default runs/report)")
+    p.add_argument("--baseline", help="the setting others are compared with (default: that of the first run)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why")
+    p.add_argument("--mode", choices=["quick", "full"], default="quick",
+                   help="quick: digits only, few seeds (minutes); full: every factor (about an hour on 2 cores)")
+    p.add_argument("--out", default="runs/study", help="output directory; a rerun reuses its finished runs")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (the MNIST parts are skipped "
+                   "without it)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained in parallel, one thread each (default 2)")
+    p.add_argument("--seeds", type=int, default=None, help="paired seeds per comparison (default: the mode's)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these factors (see docs/evidence.md)")
+    p.add_argument("--no-train", action="store_true", help="only analyse the runs finished so far")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_study)
     return parser
 
 

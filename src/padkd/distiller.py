@@ -27,6 +27,10 @@ from padkd.weighting import Uniform, Weighting
 
 log = logging.getLogger(__name__)
 
+#: A term's `embedding` that means: the student's features after the method's connector
+#: (`Method.connector_output`), not a tapped module (the MNIST probe's PAD head reads its connector output).
+CONNECTOR = "connector"
+
 
 class Term(nn.Module):
     """One distillation term: `weight · ramp · weighting(method(student[tap], teacher[tap]))`.
@@ -105,6 +109,9 @@ class DistillOutput:
     teacher: Any | None
     losses: dict[str, Tensor]
     records: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    #: Per term, per-element quantities `[B, E]` (the discrepancy; PAD's log σ²) of methods whose
+    #: elements have a fixed meaning (feature dimensions), which records average over samples.
+    element_records: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def total(self) -> Tensor:
@@ -164,8 +171,9 @@ class Distiller(nn.Module):
                 log.warning("teacher BatchNorm runs in train mode (teacher_train_bn=True): its batch "
                             "statistics are used, its running statistics are not updated")
         #: The tap paths this distiller reads on each model (the student's include what the task's teacher
-        #: forward reads from it).
-        self.student_paths = {p for t in terms for p in t.student_paths()} | set(self.embedding_taps.values())
+        #: forward reads from it; a PAD head on a connector's output reads no tap).
+        self.student_paths = {p for t in terms for p in t.student_paths()} | (
+            set(self.embedding_taps.values()) - {CONNECTOR})
         if teacher is not None and terms:
             self.student_paths |= set(self._caller.student_taps)
         self.teacher_paths = {p for t in terms for p in t.teacher_paths()}
@@ -249,15 +257,23 @@ class Distiller(nn.Module):
                 if term.carry and source is not None and source.signature == term.signature:
                     carry_state(term.method, source.method.state_dict(), term.name)
                 d = Discrepancy.of(term.method(s, t, batch))
-                term.weighting.build(d, self._embedding(term, s_values), ctx)
+                term.weighting.build(d, self._embedding(term, s_values, s), ctx)
                 term.weighting.to(device)
         finally:
             self.train(was_training)
         self._prepared = True
 
-    def _embedding(self, term: Term, s_values: dict[str, Any]) -> Tensor | None:
+    def _embedding(self, term: Term, s_values: dict[str, Any], student: Features) -> Tensor | None:
+        """What the term's learned weighting reads: a tapped student value, or the method's connector output."""
         tap = self.embedding_taps.get(term.name)
-        return s_values[tap] if tap is not None else None
+        if tap != CONNECTOR:
+            return s_values[tap] if tap is not None else None
+        out = term.method.connector_output(student)
+        if out is None:
+            raise PadkdError(f"term '{term.name}': embedding '{CONNECTOR}' reads the student's features after the "
+                             f"method's connector, but method '{type(term.method).__name__}' has none; tap a "
+                             "student module instead (e.g. embedding: fc:in)")
+        return out
 
     def forward(self, batch: Batch, epoch: int | None = None) -> DistillOutput:
         """Losses on `batch`; `epoch` (0-based, within the stage) drives the terms' warm-up ramps."""
@@ -266,6 +282,7 @@ class Distiller(nn.Module):
         s_values, t_values = self._features(batch)
         losses: dict[str, Tensor] = {}
         records: dict[str, dict[str, Tensor]] = {}
+        elements: dict[str, dict[str, Tensor]] = {}
         # A zero-weighted task loss (an init stage) is not computed: 0 × an overflowing loss would be NaN.
         if self.task is not None and (self.task_weight != 0 or not self.terms):
             losses["task"] = self.task_weight * self.task.loss(s_values[OUTPUT], batch)
@@ -273,13 +290,16 @@ class Distiller(nn.Module):
             assert t_values is not None
             s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
             d = Discrepancy.of(term.method(s, t, batch))
-            result = term.weighting(d, self._embedding(term, s_values))
+            result = term.weighting(d, self._embedding(term, s_values, s))
             loss = result.loss if d.unweighted is None else result.loss + d.unweighted.float()
             losses[term.name] = term.weight * term.ramp(epoch) * loss
             records[term.name] = {"discrepancy": d.reduce_elements().detach().float(),
                                   "weight": result.weight.detach()} | result.columns
+            if term.method.elements == "fixed" and d.elements > 1 and d.mask is None:
+                elements[term.name] = {"discrepancy": d.value.detach().float()} | result.element_columns
         teacher_out = t_values[OUTPUT] if t_values is not None else None
-        return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records)
+        return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records,
+                             element_records=elements)
 
     def check_trainable(self, trainable: list[str] | None) -> None:
         """Every entry of a stage's `trainable` list must name a module of the student (ValueError)."""
@@ -307,12 +327,16 @@ class Distiller(nn.Module):
         if student:
             groups.append({"params": student, "lr_scale": 1.0, "name": "student"})
         for term in self.terms:
-            params = [p for p in term.parameters() if p.requires_grad]  # a method may freeze its own modules
-            if term.lr_scale == 0:
-                for p in params:
-                    p.requires_grad_(False)
-            elif params:
-                groups.append({"params": params, "lr_scale": term.lr_scale, "name": term.name})
+            # a method may freeze its own modules; a weighting's (a PAD head) may train at its own multiple
+            parts = [(term.name, [p for p in term.method.parameters() if p.requires_grad], term.lr_scale),
+                     (f"{term.name}.weighting", [p for p in term.weighting.parameters() if p.requires_grad],
+                      term.lr_scale * term.weighting.lr_scale)]
+            for name, params, scale in parts:
+                if scale == 0:
+                    for p in params:
+                        p.requires_grad_(False)
+                elif params:
+                    groups.append({"params": params, "lr_scale": scale, "name": name})
         return groups
 
     def synced_buffers(self) -> list[Tensor]:

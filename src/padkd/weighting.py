@@ -48,12 +48,14 @@ def pooled(embedding: Any) -> Tensor:
 class WeightedLoss:
     """A weighting's result: the scalar `loss`; per sample (detached, for records) the relative
     `weight` of the sample in this batch's loss (mean 1 over valid samples, 0 for masked ones, so the
-    column means the same under every weighting); and extra per-sample `columns` (PAD: the learned
-    `log_var` and the unnormalised `inv_var` = mean over elements of 1/σ²)."""
+    column means the same under every weighting); extra per-sample `columns` (PAD: the learned
+    `log_var` and the unnormalised `inv_var` = mean over elements of 1/σ²); and per-element
+    `element_columns` `[B, E]` (PAD: log σ² of every element), which records average over samples."""
 
     loss: Tensor
     weight: Tensor
     columns: dict[str, Tensor] = field(default_factory=dict)
+    element_columns: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Weighting(nn.Module):
@@ -63,6 +65,8 @@ class Weighting(nn.Module):
     needs_embedding: bool = False
     #: True for weightings that leave the batch mean as it is, the only ones a batch-level method allows.
     accepts_batch_level: bool = False
+    #: LR multiplier of the weighting's own parameters (a PAD head) relative to its term's `lr_scale`.
+    lr_scale: float = 1.0
 
     def __init__(self) -> None:
         # An explicit signature (nn.Module's takes **kwargs): the registry then rejects unknown options.
@@ -247,17 +251,25 @@ class PAD(Weighting):
 
     A variance head `Linear(in_dim, out_dim) + BatchNorm1d(out_dim)` on a student embedding predicts
     `s = log σ²`, per element (`per_element`, out_dim = E, the reference form) or once per sample
-    (`per_sample`, out_dim = 1). The optimum is σ² = d, so samples the student can match get small
-    σ² and a large weight 1/σ². Safety defaults (see docs/pad.md): the head's bias is set from the
-    first batch so σ² starts at the mean discrepancy (`init="data"`), the term ramps up linearly over
-    `warmup_steps`, and log σ² has a smooth floor. `PAD.reference(...)` gives the unmodified
-    published form (random init, no floor, no warm-up).
+    (`per_sample`, out_dim = 1). `per_dimension` has no head: one learned log σ² per element, shared by
+    every sample (a learned diagonal Mahalanobis L2), the ablation that separates PAD's per-dimension
+    reweighting from its per-sample one. The optimum is σ² = d, so samples the student can match get
+    small σ² and a large weight 1/σ². Safety defaults (see docs/pad.md): σ² starts at the first
+    batch's mean discrepancy (`init="data"`), the term ramps up linearly over `warmup_steps`, and
+    log σ² has a smooth floor. `PAD.reference(...)` gives the unmodified published form (random
+    init, no floor, no warm-up).
 
     `head: conv1x1` is the spatial form for discrepancies over feature-map locations (those with a
     `Discrepancy.layout`, e.g. detection imitation): per map, `Conv2d(C, 1, 1) + BatchNorm2d(1)` on the
     student's map of the same size predicts one log σ² per location (shared by its channels), for any
     image size. Its embedding is the student's maps (a dict by level name, e.g. the tap `fpn`). With the
     linear head, an embedding that is a dict or list of maps is pooled map by map and concatenated.
+
+    `preserve_scale`: at σ² ≈ d PAD also rescales the whole term by about 1/mean(d). With this switch the
+    student's gradient uses the weights `w/mean(w)` (w = 1/σ², detached, mean over the batch's valid
+    elements), so the term keeps the base loss's scale and only reweights; the head is still trained by
+    the NLL (with d detached). `head_lr_scale` multiplies the LR of the head (or of the per-dimension
+    log σ²) on top of the term's `lr_scale`, which also scales the method's connector.
     """
 
     needs_embedding = True
@@ -266,7 +278,7 @@ class PAD(Weighting):
         self,
         in_dim: int | None = None,
         out_dim: int | None = None,
-        mode: Literal["per_element", "per_sample"] = "per_element",
+        mode: Literal["per_element", "per_sample", "per_dimension"] = "per_element",
         eps: float = 1e-6,
         init: Literal["data", "reference"] = "data",
         log_var_floor: float | None = DEFAULT_LOG_VAR_FLOOR,
@@ -274,10 +286,12 @@ class PAD(Weighting):
         detach_input: bool = False,
         warmup_steps: int = DEFAULT_WARMUP_STEPS,
         head: Literal["linear", "conv1x1"] = "linear",
+        preserve_scale: bool = False,
+        head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if mode not in ("per_element", "per_sample"):
-            raise ValueError(f"PAD mode must be 'per_element' or 'per_sample', got {mode!r}")
+        if mode not in ("per_element", "per_sample", "per_dimension"):
+            raise ValueError(f"PAD mode must be 'per_element', 'per_sample' or 'per_dimension', got {mode!r}")
         if head not in ("linear", "conv1x1"):
             raise ValueError(f"PAD head must be 'linear' or 'conv1x1', got {head!r}")
         if head == "conv1x1" and (mode != "per_element" or in_dim is not None or out_dim is not None):
@@ -291,6 +305,8 @@ class PAD(Weighting):
             raise ValueError(f"PAD warmup_steps must be >= 0, got {warmup_steps}")
         if clamp is not None and clamp[0] >= clamp[1]:
             raise ValueError(f"PAD clamp must be (low, high) with low < high, got {clamp}")
+        if head_lr_scale < 0:
+            raise ValueError(f"PAD head_lr_scale must be >= 0, got {head_lr_scale}")
         self.mode = mode
         self.eps = eps
         self.init = init
@@ -299,13 +315,20 @@ class PAD(Weighting):
         self.detach_input = detach_input
         self.warmup_steps = warmup_steps
         self.head_kind = head
+        self.preserve_scale = preserve_scale
+        self.lr_scale = head_lr_scale
+        self.needs_embedding = mode != "per_dimension"
         #: linear: Sequential(Linear, BatchNorm1d); conv1x1: ModuleDict of Sequential(Conv2d, BatchNorm2d) by map.
         self.head: nn.Module | None = None
+        #: `per_dimension`: the learned log σ² of each element, `[E]`.
+        self.log_var_dims: nn.Parameter | None = None
         self._ready = False  # python mirror of `initialized`: no host sync per step
         # Saved in checkpoints: a resumed run neither re-initialises the head nor restarts warm-up.
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
-        if in_dim is not None:
+        if mode == "per_dimension" and (out_dim or in_dim) is not None:
+            self._make_dims(int(out_dim or in_dim))  # type: ignore[arg-type]
+        elif mode != "per_dimension" and in_dim is not None:
             self._make_head(in_dim, 1 if mode == "per_sample" else (out_dim or in_dim))
 
     @classmethod
@@ -352,17 +375,24 @@ class PAD(Weighting):
             maps[name] = x
         return maps
 
+    def _make_dims(self, elements: int) -> None:
+        # reference init: log σ² = 0 (σ² = 1), the BN head's mean output at initialisation
+        self.log_var_dims = nn.Parameter(torch.zeros(elements))
+
     def check(self, method: Method) -> None:
         super().check(method)
-        if self.mode == "per_element" and method.elements == "exchangeable":
-            raise ValueError(f"PAD mode 'per_element' needs elements with a fixed meaning, but the elements of "
+        if self.mode in ("per_element", "per_dimension") and method.elements == "exchangeable":
+            raise ValueError(f"PAD mode '{self.mode}' needs elements with a fixed meaning, but the elements of "
                              f"method '{type(method).__name__}' are exchangeable partners (pairwise rows); "
                              "use mode: per_sample")
 
     def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
-        if embedding is None:
+        if self.mode == "per_dimension":
+            if self.log_var_dims is None:
+                self._make_dims(d.elements)
+        elif embedding is None:
             raise ValueError("PAD needs a student embedding to predict log σ² from")
-        if self.head is None and self.head_kind == "conv1x1":
+        elif self.head is None and self.head_kind == "conv1x1":
             self._make_maps_head(self._maps(embedding, d.layout))
         elif self.head is None:
             out_dim = 1 if self.mode == "per_sample" else d.elements
@@ -372,12 +402,17 @@ class PAD(Weighting):
 
     @torch.no_grad()
     def _init_from(self, d: Discrepancy) -> None:
-        """Set the BN bias so that σ² starts at the batch's mean discrepancy (geometric centre)."""
-        assert self.head is not None
+        """Set the head's BN bias (or the per-dimension log σ²) so that σ² starts at the batch's mean
+        discrepancy (geometric centre)."""
         mean_d = float(batch_mean(d.reduce_elements(mean=True).float(), d.sample_mask()))
-        norms = [seq[1] for seq in self.head.values()] if isinstance(self.head, nn.ModuleDict) else [self.head[1]]
-        for norm in norms:
-            norm.bias.fill_(math.log(max(mean_d, self.eps) + self.eps))
+        start = math.log(max(mean_d, self.eps) + self.eps)
+        if self.log_var_dims is not None:
+            self.log_var_dims.fill_(start)
+        else:
+            assert self.head is not None
+            norms = [seq[1] for seq in self.head.values()] if isinstance(self.head, nn.ModuleDict) else [self.head[1]]
+            for norm in norms:
+                norm.bias.fill_(start)
         self.initialized.fill_(True)
         self._ready = True
 
@@ -386,11 +421,13 @@ class PAD(Weighting):
         self._ready = bool(self.initialized)
 
     def log_var(self, embedding: Any, layout: list[tuple[str, int, int]] | None = None) -> Tensor:
-        """Predicted log σ², `[B, out_dim]` (conv1x1 head: `[B, E]` over the layout's locations), after the
-        floor and clamp."""
-        if self.head is None:
+        """Predicted log σ², `[B, out_dim]` (conv1x1 head: `[B, E]` over the layout's locations;
+        `per_dimension`: `[1, E]`), after the floor and clamp."""
+        if self.log_var_dims is not None:
+            s = self.log_var_dims.float()[None]
+        elif self.head is None or embedding is None:
             raise RuntimeError("PAD head not built: pass in_dim or call build() with an example batch")
-        if isinstance(self.head, nn.ModuleDict):
+        elif isinstance(self.head, nn.ModuleDict):
             maps = self._maps(embedding, layout)
             s = torch.cat([self.head[name]((x.detach() if self.detach_input else x).float()).flatten(1)
                            for name, x in maps.items()], dim=1).float()
@@ -405,9 +442,10 @@ class PAD(Weighting):
 
     def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
         d = Discrepancy.of(d)
-        if embedding is None:
+        if embedding is None and self.needs_embedding:
             raise ValueError("PAD needs the student embedding: call pad(d, embedding)")
-        if self.head is None or (self.init == "data" and not self._ready and self.training):
+        unbuilt = self.head is None and self.log_var_dims is None
+        if unbuilt or (self.init == "data" and not self._ready and self.training):
             self.build(d, embedding)
         with torch.autocast(device_type=d.value.device.type, enabled=False):
             values, _ = d.matrix()
@@ -421,9 +459,17 @@ class PAD(Weighting):
                     f"input size); use weighting {fix}"
                 )
             s = s.expand_as(values)
-            nll = values.float() / (torch.exp(s) + self.eps) + s
+            valid = d.sample_mask()
+            if self.preserve_scale:
+                inv = 1.0 / (torch.exp(s) + self.eps)
+                with torch.no_grad():
+                    mean_w = batch_mean(d.reduce_elements(inv.detach(), mean=True), valid).clamp_min(1e-30)
+                # the head learns from the NLL (d detached); the student sees mean-1 weights
+                nll = values.detach().float() * inv + s + values.float() * (inv.detach() / mean_w)
+            else:
+                nll = values.float() / (torch.exp(s) + self.eps) + s
             per_sample = d.reduce_elements(nll)
-            loss = batch_mean(per_sample, d.sample_mask())
+            loss = batch_mean(per_sample, valid)
             if self.warmup_steps > 0:
                 loss = loss * (self.step.clamp_max(self.warmup_steps).float() + 1) / (self.warmup_steps + 1)
         if self.training:
@@ -431,8 +477,9 @@ class PAD(Weighting):
         with torch.no_grad():
             inv_var = d.reduce_elements(torch.exp(-s.detach()), mean=True)
             log_var = d.reduce_elements(s.detach(), mean=True)
-            valid = d.sample_mask()
             weight = inv_var / batch_mean(inv_var, valid).clamp_min(1e-30)
             if valid is not None:
                 weight = weight * valid.to(weight.dtype)
-        return WeightedLoss(loss=loss, weight=weight, columns={"log_var": log_var, "inv_var": inv_var})
+        elements = {"log_var": s.detach()} if self.mode != "per_sample" and values.shape[1] > 1 else {}
+        return WeightedLoss(loss=loss, weight=weight, columns={"log_var": log_var, "inv_var": inv_var},
+                            element_columns=elements)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from padkd.data import DATASETS, DataSplits, TensorData
+from padkd.data.corrupt import check_fractions, corrupt
 from padkd.errors import PadkdError
 
 FILES = {
@@ -72,9 +73,13 @@ def _check_pair(root: Path, split: str, images: np.ndarray, labels: np.ndarray) 
 
 
 @DATASETS.register("mnist")
-def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0) -> DataSplits:
+def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, split_seed: int = 0,
+          noise_fraction: float = 0.0, label_noise: float = 0.0, corrupt_seed: int = 0) -> DataSplits:
     """MNIST from local IDX files; `val_size` training images (fixed by `split_seed`) become the
-    validation split; `train_subset` keeps only that many training images (quick experiments)."""
+    validation split; `train_subset` keeps only that many training images (quick experiments);
+    `noise_fraction` of the training images are replaced by pixel noise and `label_noise` of the others
+    get a wrong label (fixed by `corrupt_seed`; validation and test stay clean, see data/corrupt.py)."""
+    check_fractions(noise_fraction, label_noise)
     base = Path(root).expanduser()
     if not base.is_dir():
         raise PadkdError(f"data.root: '{base}' is not a directory; set data.root to your MNIST folder")
@@ -87,20 +92,25 @@ def mnist(root: str, val_size: int = 5000, train_subset: int | None = None, spli
     if train_subset is not None and train_subset < 1:
         raise PadkdError(f"data.train_subset must be a positive number of images, got {train_subset}")
 
-    def images(a: np.ndarray) -> torch.Tensor:
-        return (torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0 - MEAN) / STD
+    def pixels(a: np.ndarray) -> torch.Tensor:
+        return torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0
 
-    train_x, train_y = images(arrays["train_images"]), torch.tensor(arrays["train_labels"], dtype=torch.long)
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return (x - MEAN) / STD
+
+    train_x, train_y = pixels(arrays["train_images"]), torch.tensor(arrays["train_labels"], dtype=torch.long)
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     if train_subset is not None:
         train_idx = train_idx[:train_subset]
+    train = corrupt(train_x[train_idx], train_y[train_idx], 10, noise_fraction, label_noise, corrupt_seed, normalize)
     return DataSplits(
-        train=TensorData(train_x[train_idx], train_y[train_idx]),
-        val=TensorData(train_x[val_idx], train_y[val_idx]),
-        test=TensorData(images(arrays["test_images"]), torch.tensor(arrays["test_labels"], dtype=torch.long)),
+        train=train,
+        val=TensorData(normalize(train_x[val_idx]), train_y[val_idx]),
+        test=TensorData(normalize(pixels(arrays["test_images"])),
+                        torch.tensor(arrays["test_labels"], dtype=torch.long)),
         num_classes=10,
         in_channels=1,
         normalization=((MEAN,), (STD,)),
-        train_targets=train_y[train_idx],
+        train_targets=train.labels,
     )

@@ -1,6 +1,10 @@
 """Per-sample records: for every sample of a split, each term's discrepancy, relative weight and the
 weighting's own columns (PAD: learned log σ² and 1/σ²), beside the task's own columns (e.g.
-the teacher's and the student's predictions). Written as CSV."""
+the teacher's and the student's predictions). Written as CSV.
+
+Per-element records: for terms whose elements are fixed feature dimensions, the mean over the split's
+samples of each element's discrepancy and of PAD's log σ² and 1/σ² (what per-element PAD learns per
+dimension), one row per element."""
 
 from __future__ import annotations
 
@@ -14,13 +18,20 @@ from padkd.batch import Batch
 from padkd.distiller import Distiller
 from padkd.tasks.base import Task
 
+Table = dict[str, torch.Tensor]
+
 
 @torch.no_grad()
-def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> dict[str, torch.Tensor]:
-    """Run the distiller in eval mode over `loader`; one column per quantity, rows sorted by index."""
+def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[Table, dict[str, Table]]:
+    """Run the distiller in eval mode over `loader`. Returns the per-sample table (one column per quantity,
+    rows sorted by index) and, per term with per-element records, a table with one row per element:
+    `element`, then each quantity averaged over the split's samples (`discrepancy`; PAD's `log_var` and
+    `inv_var` = the mean of 1/σ²)."""
     was_training = distiller.training
     distiller.eval()
     columns: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, Table] = {}
+    count = 0
     try:
         for batch in loader:
             out = distiller(batch)
@@ -29,11 +40,23 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> dict[s
                 row |= {f"{term}.{key}": value for key, value in rec.items()}
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
+            for term, rec in out.element_records.items():
+                per_element = dict(rec)
+                if "log_var" in rec:
+                    per_element["inv_var"] = torch.exp(-rec["log_var"])
+                into = sums.setdefault(term, {})
+                for key, value in per_element.items():
+                    total = value.detach().double().sum(0).cpu()
+                    into[key] = into[key] + total if key in into else total
+            count += len(batch)
     finally:
         distiller.train(was_training)
     table = {key: torch.cat(values) for key, values in columns.items()}
     order = table["index"].argsort()
-    return task.finish_records({key: value[order] for key, value in table.items()})
+    elements = {term: {"element": torch.arange(len(next(iter(by_key.values()))))}
+                | {key: (value / max(count, 1)).float() for key, value in by_key.items()}
+                for term, by_key in sums.items()}
+    return task.finish_records({key: value[order] for key, value in table.items()}), elements
 
 
 def write_csv(table: dict[str, torch.Tensor], path: Path) -> None:

@@ -81,3 +81,8 @@ class Method(nn.Module):
 
     def forward(self, student: Features, teacher: Features, batch: Batch) -> Tensor | Discrepancy:
         raise NotImplementedError
+
+    def connector_output(self, student: Features) -> Tensor | None:
+        """The student's features after the method's own connector (a hint's linear map), for a learned
+        weighting that reads them (term `embedding: connector`); None for methods without one."""
+        return None

@@ -27,7 +27,8 @@ class Hint(Method):
     """L2 hint on pooled embeddings: per-element `(connector(s) - t)²`, shape `[B, D_teacher]`.
 
     The batch-and-element mean is the usual MSE hint (the "L2" of the PAD paper's ImageNet table).
-    A linear connector maps the student width to the teacher's when they differ (`connector="auto"`).
+    A linear connector maps the student width to the teacher's when they differ (`connector="auto"`);
+    a PAD head can read its output (term `embedding: connector`, as the MNIST probe's head does).
     """
 
     reference = "Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015 (L2 on pooled embeddings)"
@@ -48,6 +49,9 @@ class Hint(Method):
         s = self.connector(pool(student))
         return (s.float() - pool(teacher).float()).pow(2)
 
+    def connector_output(self, student: Features) -> Tensor:
+        return self.connector(pool(student))  # type: ignore[arg-type]
+
 
 @METHODS.register("fitnet")
 class FitNet(Method):
@@ -55,7 +59,8 @@ class FitNet(Method):
 
     Discrepancy per element `(r(s) - t)²` over channels and locations, shape `[B, C_t·H·W]`. When
     spatial sizes differ both maps are average-pooled to the smaller height and width. With PAD, prefer
-    `mode: per_sample` on large maps (a per-element head would predict C·H·W variances).
+    `mode: per_sample` on large maps (a per-element head would predict C·H·W variances). A PAD head can
+    read the regressor's output, pooled (term `embedding: connector`).
     """
 
     reference = "Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015"
@@ -90,6 +95,9 @@ class FitNet(Method):
             size = tuple(min(a, b) for a, b in zip(s.shape[-2:], teacher.shape[-2:], strict=True))
             s, teacher = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(teacher, size)
         return (s.float() - teacher.float()).pow(2).flatten(1)
+
+    def connector_output(self, student: Features) -> Tensor:
+        return self.regressor(student)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------

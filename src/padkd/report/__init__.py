@@ -1,14 +1,17 @@
-"""Report on a `padkd demo` directory: accuracy over seeds, paired differences against the baseline,
-learning curves, and what PAD's learned variance says about the test samples.
+"""Reports on runs: accuracy over seeds, paired differences against a baseline (with the effect drawn
+against the setting's value when one config key differs), learning curves, and what PAD's learned
+variance says about the samples (against d and the teacher) and about the feature dimensions.
 
-Everything is read back from the demo's files (results.json, each run's metrics.jsonl and records CSVs),
-so the report can be regenerated at any time with `write_report(out_dir)`.
+`write_report(out_dir)` reads a results.json (written by `padkd demo`, or by `report_runs` for any run
+directories, as `padkd report RUN_DIR...` does) and each run's metrics.jsonl and records CSVs, so a
+report can be regenerated at any time.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +27,21 @@ from padkd.engine.records import read_csv
 from padkd.errors import PadkdError
 from padkd.report import plots
 from padkd.report.markdown import Figure, VarianceSummary, format_table, render
+from padkd.report.runs import results_from_runs
 from padkd.report.stats import mean_std, paired_ci, spearman, verdict
 
-__all__ = ["format_table", "summarize", "write_report"]
+__all__ = ["format_table", "report_runs", "results_from_runs", "summarize", "write_report"]
 
 N_IMAGES = 8
 #: Data sets whose test images the report draws: bundled with scikit-learn, so no download is triggered.
 IMAGE_DATASETS = ("digits",)
-_RECORDS = re.compile(r"^(\d+)-(.+)-test\.csv$")
+#: Records splits in the order the report prefers them.
+SPLITS = ("test", "val", "train")
+_RECORDS = re.compile(r"^(\d+)-(.+)-(test|val|train)\.csv$")
 _TITLES = {"learning_curves": "Validation top-1 over training", "sigma_vs_error": "Learned σ² vs discrepancy",
-           "sigma_by_teacher": "Learned σ² and the teacher", "prime_images": "Most and least prime test images"}
+           "sigma_by_teacher": "Learned σ² and the teacher", "prime_images": "Most and least prime test images",
+           "sigma_per_dimension": "Learned σ² per feature dimension", "factor": "Effect against the setting"}
+VARIANCE_FIGURES = ("sigma_vs_error", "sigma_by_teacher", "sigma_per_dimension", "prime_images")
 
 
 class _Skipped(Exception):
@@ -51,6 +59,10 @@ class PadRecords:
     teacher_confidence: np.ndarray
     discrepancy: np.ndarray
     log_var: np.ndarray
+    split: str = "test"
+    #: Per feature dimension (from the elements CSV, when the term has one): mean d, mean log σ².
+    dim_discrepancy: np.ndarray | None = None
+    dim_log_var: np.ndarray | None = None
 
     @property
     def sigma2(self) -> np.ndarray:
@@ -139,46 +151,95 @@ def _learning_curves(results: dict[str, Any], out_dir: Path, plot_dir: Path) -> 
     return Figure(title, caption, path.relative_to(out_dir).as_posix())
 
 
-def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
-    """Test records of the PAD term for the first seed: the highest stage whose CSV has `{term}.log_var`."""
-    pad, term = results.get("pad"), results.get("pad_term")
-    seed = str(results["seeds"][0])
-    run = results.get("runs", {}).get(pad, {}).get(seed) if pad else None
-    if run is None or not term:
-        raise _Skipped(f"results.json names no PAD method, PAD term or PAD run for seed {seed}.")
+def _rel(path: Path, out_dir: Path) -> str:
+    """`path` relative to the report's folder when it lies inside it, else as it is."""
+    try:
+        return path.relative_to(out_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _records_in(run_dir: Path, term: str | None) -> tuple[Path, str] | None:
+    """The per-sample records CSV with a `{term}.log_var` column (any term when None): the highest stage,
+    then the preferred split; with the term found."""
     candidates = []
-    for path in (out_dir / run / "records").glob("*-test.csv"):
+    for path in (run_dir / "records").glob("*.csv"):
         match = _RECORDS.match(path.name)
         if match:
-            candidates.append((int(match.group(1)), path))
-    column = f"{term}.log_var"
-    for _, path in sorted(candidates, reverse=True):
+            candidates.append((-int(match.group(1)), SPLITS.index(match.group(3)), path))
+    for *_, path in sorted(candidates):
         with open(path, newline="") as f:
-            if column not in next(csv.reader(f), []):
-                continue
-        table = read_csv(path)
-        needed = ["index", "target", "teacher_pred", "teacher_confidence", f"{term}.discrepancy", column]
-        missing = [c for c in needed if c not in table]
-        if missing:
-            raise _Skipped(f"{path.relative_to(out_dir)} lacks the column(s) {', '.join(missing)}.")
-        if not table["index"]:
-            raise _Skipped(f"{path.relative_to(out_dir)} holds no samples.")
-        return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table["target"], dtype=int),
-                          np.asarray(table["teacher_pred"], dtype=int), np.asarray(table["teacher_confidence"]),
-                          np.asarray(table[f"{term}.discrepancy"]), np.asarray(table[column]))
-    raise _Skipped(f"no test records CSV with a `{column}` column under {run}/records.")
+            header = next(csv.reader(f), [])
+        found = [c[: -len(".log_var")] for c in header if c.endswith(".log_var")]
+        if term is None and found:
+            return path, found[0]
+        if term is not None and term in found:
+            return path, term
+    return None
+
+
+def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
+    """Records of the PAD term for the first seed: of the named PAD method (results `pad`, `pad_term`), else
+    of the first setting whose run has a `.log_var` column; the highest stage, test split preferred."""
+    seed = str(results["seeds"][0])
+    pad, term = results.get("pad"), results.get("pad_term")
+    settings = [pad] if pad else list(results["methods"])
+    found = None
+    run = None
+    for setting in settings:
+        run = results.get("runs", {}).get(setting, {}).get(seed)
+        if run is not None and (found := _records_in(out_dir / run, term)) is not None:
+            break
+    if found is None:
+        if pad and run is None:
+            raise _Skipped(f"results.json names no PAD run for seed {seed}.")
+        what = f"a `{term}.log_var` column" if term else "a `.log_var` column (no run is weighted by PAD)"
+        where = f" under {run}/records" if pad else ""
+        raise _Skipped(f"no records CSV (test, val or train split) with {what}{where}.")
+    path, term = found
+    results["pad_term"] = term
+    table = read_csv(path)
+    needed = ["index", "target", "teacher_pred", "teacher_confidence", f"{term}.discrepancy", f"{term}.log_var"]
+    missing = [c for c in needed if c not in table]
+    if missing:
+        raise _Skipped(f"{_rel(path, out_dir)} lacks the column(s) {', '.join(missing)}.")
+    if not table["index"]:
+        raise _Skipped(f"{_rel(path, out_dir)} holds no samples.")
+    split = _RECORDS.match(path.name).group(3)  # type: ignore[union-attr]
+    dims = path.with_name(f"{path.stem}.{term}.elements.csv")
+    dim_d = dim_v = None
+    if dims.is_file():
+        per_dim = read_csv(dims)
+        if "log_var" in per_dim:
+            dim_d, dim_v = np.asarray(per_dim["discrepancy"]), np.asarray(per_dim["log_var"])
+    return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table["target"], dtype=int),
+                      np.asarray(table["teacher_pred"], dtype=int), np.asarray(table["teacher_confidence"]),
+                      np.asarray(table[f"{term}.discrepancy"]), np.asarray(table[f"{term}.log_var"]), split,
+                      dim_d, dim_v)
+
+
+def _spread(x: np.ndarray) -> float:
+    """Standard deviation of the natural log of the positive values (nan with fewer than two)."""
+    x = x[np.isfinite(x) & (x > 0)]
+    return float(np.log(x).std()) if x.size > 1 else math.nan
 
 
 def _variance_summary(records: PadRecords, out_dir: Path, term: str) -> VarianceSummary:
     correct = records.teacher_correct
     groups = [records.log_var[correct], records.log_var[~correct]]
     means = [float(g.mean()) if g.size else None for g in groups]
+    dims = records.dim_log_var is not None and records.dim_discrepancy is not None
     return VarianceSummary(
-        source=records.path.relative_to(out_dir).as_posix(), term=term, n=len(records.index),
+        source=_rel(records.path, out_dir), term=term, n=len(records.index),
         rho_discrepancy=spearman(records.sigma2, records.discrepancy),
         rho_confidence=spearman(records.sigma2, records.teacher_confidence),
         mean_log_var_correct=means[0], n_correct=int(groups[0].size),
-        mean_log_var_wrong=means[1], n_wrong=int(groups[1].size))
+        mean_log_var_wrong=means[1], n_wrong=int(groups[1].size), split=records.split,
+        sd_log_d=_spread(records.discrepancy), sd_log_var=float(np.std(records.log_var)),
+        n_dims=len(records.dim_log_var) if dims else 0,  # type: ignore[arg-type]
+        sd_log_d_dims=_spread(records.dim_discrepancy) if dims else math.nan,  # type: ignore[arg-type]
+        sd_log_var_dims=float(np.std(records.dim_log_var)) if dims else math.nan,
+        rho_dims=spearman(records.dim_log_var, records.dim_discrepancy) if dims else math.nan)  # type: ignore[arg-type]
 
 
 def _data_options(run_dir: Path, dataset: str) -> dict[str, Any]:
@@ -208,6 +269,7 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
     run_dir = records.path.parent.parent
     data = DATASETS.build(dataset, _data_options(run_dir, dataset), "data")
     mean, std = data.normalization
+    images = data.split(records.split)
     order = np.argsort(records.log_var, kind="stable")
     k = min(N_IMAGES, order.size)
     rows = []
@@ -215,9 +277,9 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
         items = []
         for j in picks:
             i = int(records.index[j])
-            if not 0 <= i < len(data.test):
-                raise _Skipped(f"record index {i} is outside the test split ({len(data.test)} samples).")
-            image, label, _ = data.test[i]
+            if not 0 <= i < len(images):
+                raise _Skipped(f"record index {i} is outside the {records.split} split ({len(images)} samples).")
+            image, label, _ = images[i]
             if int(label) != records.target[j]:
                 raise _Skipped("the records' targets do not match the rebuilt test split (different data options?).")
             items.append((_display(image, mean, std),
@@ -225,9 +287,9 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
         rows.append((name, items))
     path = plot_dir / "prime_images.png"
     plots.prime_images(rows, path)
-    return Figure(_TITLES["prime_images"], f"The {k} test images with the smallest learned σ² (top; "
+    return Figure(_TITLES["prime_images"], f"The {k} {records.split} images with the smallest learned σ² (top; "
                   f"most weight) and the {k} with the largest (bottom), de-normalised and drawn on one intensity "
-                  "scale; y = label, T = teacher prediction.", path.relative_to(out_dir).as_posix())
+                  "scale; y = label, T = teacher prediction.", _rel(path, out_dir))
 
 
 def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, records: PadRecords,
@@ -237,13 +299,27 @@ def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, re
     plots.sigma_vs_error(records.sigma2, records.discrepancy, records.teacher_correct, variance.rho_discrepancy,
                          path)
     figures = {"sigma_vs_error": Figure(_TITLES["sigma_vs_error"], (
-        "Each point is a test sample (log-log axes); the dashed line σ² = d is where PAD's loss is minimal for that "
-        "sample. Colour: whether the teacher classifies the sample correctly."), path.relative_to(out_dir).as_posix())}
+        f"Each point is a {records.split} sample (log-log axes); the dashed line σ² = d is where PAD's loss is "
+        "minimal for that sample. Colour: whether the teacher classifies the sample correctly."),
+        _rel(path, out_dir))}
     path = plot_dir / "sigma_by_teacher.png"
     plots.sigma_by_teacher(records.log_var, records.teacher_confidence, records.teacher_correct, path)
     figures["sigma_by_teacher"] = Figure(_TITLES["sigma_by_teacher"], (
-        "Left: log σ² of test samples the teacher gets right vs wrong. Right: log σ² against the teacher's "
-        "confidence."), path.relative_to(out_dir).as_posix())
+        f"Left: log σ² of {records.split} samples the teacher gets right vs wrong. Right: log σ² against the "
+        "teacher's confidence."), _rel(path, out_dir))
+    if records.dim_log_var is not None and records.dim_discrepancy is not None:
+        path = plot_dir / "sigma_per_dimension.png"
+        plots.sigma_per_dimension(records.dim_log_var, records.dim_discrepancy, records.log_var,
+                                  records.discrepancy, path)
+        figures["sigma_per_dimension"] = Figure(_TITLES["sigma_per_dimension"], (
+            "Left: per feature dimension, the mean over samples of log σ² against log of the mean discrepancy of "
+            "that dimension (dashed: σ² = d). Right: how far log σ² spreads across dimensions (each averaged "
+            "over samples) and across samples (each averaged over dimensions), beside the spread of log d. A "
+            "wide spread across dimensions and a narrow one across samples means per-element PAD acts mainly "
+            "as a learned per-dimension weighting (a diagonal Mahalanobis L2)."), _rel(path, out_dir))
+    else:
+        figures["sigma_per_dimension"] = Figure(_TITLES["sigma_per_dimension"], "", note=(
+            "no per-element records (per-sample PAD, or a method whose elements are not fixed dimensions)."))
     try:
         figures["prime_images"] = _prime_images(results, out_dir, records, plot_dir)
     except _Skipped as why:
@@ -251,25 +327,62 @@ def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, re
     return figures
 
 
+def _factor_figure(results: dict[str, Any], rows: list[dict[str, Any]], out_dir: Path, plot_dir: Path) -> Figure:
+    """The paired difference to the baseline of every setting, against the value of the one differing key."""
+    factor = results.get("factor")
+    title = _TITLES["factor"]
+    if not factor:
+        varying = results.get("varying")
+        why = ("the runs differ in more than one setting (" + ", ".join(varying) + ")") if varying else \
+            "the runs differ in no setting but the seed"
+        return Figure(title, "", note=f"{why}; the effect is drawn against a setting when exactly one differs.")
+    values = factor["values"]
+    by = {r["method"]: r for r in rows}
+    points = [(values[m], by[m]["diff_mean"] if by[m]["diff_mean"] is not None else 0.0,
+               by[m]["ci_low"], by[m]["ci_high"]) for m in results["methods"]]
+    path = plot_dir / "factor.png"
+    baseline_value = values.get(results.get("baseline"))
+    plots.effect_vs_factor([str(p[0]) for p in points], [p[1] for p in points], [p[2] for p in points],
+                           [p[3] for p in points], path, xlabel=factor["key"],
+                           title=f"Paired difference to {factor['key']}={baseline_value}")
+    return Figure(title, (f"Mean paired difference (points of the primary metric) of each value of `{factor['key']}` "
+                          f"to the baseline value {baseline_value}, with its 95% t interval over seeds."),
+                  _rel(path, out_dir))
+
+
 def write_report(out_dir: Path) -> Path:
-    """Write `out_dir/report.md` and its PNGs under `out_dir/plots/` from a `padkd demo` directory."""
+    """Write `out_dir/report.md` and its PNGs under `out_dir/plots/` from a directory holding results.json
+    (`padkd demo`'s, or the one `report_runs` writes)."""
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
     if not results_path.exists():
-        raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`")
+        raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`, or "
+                         "run `padkd report RUN_DIR...`")
     results = json.loads(results_path.read_text())
     plot_dir = out_dir / "plots"
-    figures = {"learning_curves": _learning_curves(results, out_dir, plot_dir)}
+    rows = summarize(results)
+    figures = {"learning_curves": _learning_curves(results, out_dir, plot_dir),
+               "factor": _factor_figure(results, rows, out_dir, plot_dir)}
     variance, variance_note = None, ""
     try:
         records = _pad_records(results, out_dir)
     except _Skipped as why:
         variance_note = str(why)
-        figures |= {name: Figure(_TITLES[name], "", note=variance_note)
-                    for name in ("sigma_vs_error", "sigma_by_teacher", "prime_images")}
+        figures |= {name: Figure(_TITLES[name], "", note=variance_note) for name in VARIANCE_FIGURES}
     else:
         variance = _variance_summary(records, out_dir, results["pad_term"])
         figures |= _variance_figures(results, out_dir, plot_dir, records, variance)
     report = out_dir / "report.md"
-    report.write_text(render(results, summarize(results), figures, variance, variance_note))
+    report.write_text(render(results, rows, figures, variance, variance_note))
     return report
+
+
+def report_runs(run_dirs: list[Path], out_dir: Path, labels: dict[str, str] | None = None,
+                baseline: str | None = None, command: str = "padkd report") -> Path:
+    """Report on any finished runs: group them into settings (`results_from_runs`), write
+    `out_dir/results.json`, then the report. Returns the report's path."""
+    results = results_from_runs([Path(r) for r in run_dirs], labels, baseline, command)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return write_report(out_dir)

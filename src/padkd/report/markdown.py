@@ -35,6 +35,15 @@ class VarianceSummary:
     n_correct: int
     mean_log_var_wrong: float | None
     n_wrong: int
+    split: str = "test"
+    #: Standard deviations across samples of log d and of the learned log σ².
+    sd_log_d: float = math.nan
+    sd_log_var: float = math.nan
+    #: Per feature dimension (each averaged over samples): how many, the spreads, and ρ(σ², d) across them.
+    n_dims: int = 0
+    sd_log_d_dims: float = math.nan
+    sd_log_var_dims: float = math.nan
+    rho_dims: float = math.nan
 
 
 def signed(x: float, digits: int = 2) -> str:
@@ -96,14 +105,21 @@ def _figure(fig: Figure) -> list[str]:
 
 
 def _variance(v: VarianceSummary) -> list[str]:
+    dims = [] if not v.n_dims else [
+        f"- Across its {v.n_dims} feature dimensions (each averaged over the samples): log σ² spreads by "
+        f"{number(v.sd_log_var_dims)} (standard deviation) and log d by {number(v.sd_log_d_dims)}; Spearman ρ "
+        f"between them {number(v.rho_dims, 3)}. Across samples (each averaged over dimensions) log σ² spreads by "
+        f"{number(v.sd_log_var)} and log d by {number(v.sd_log_d)}.",
+    ]
     return [
-        f"From `{v.source}`: term `{v.term}`, {v.n} test samples of the first seed's PAD run.",
+        f"From `{v.source}`: term `{v.term}`, {v.n} {v.split} samples of the first seed's PAD run.",
         "",
         f"- Spearman ρ between learned σ² and the per-sample discrepancy d: **{number(v.rho_discrepancy, 3)}** "
         "(PAD's loss d/σ² + log σ² is minimised at σ² = d, so a well-fitted head ranks samples like d).",
         f"- Spearman ρ between learned σ² and the teacher's confidence: **{number(v.rho_confidence, 3)}**.",
         f"- Mean log σ²: teacher correct {number(v.mean_log_var_correct)} (n = {v.n_correct}), "
         f"teacher wrong {number(v.mean_log_var_wrong)} (n = {v.n_wrong}).",
+        *dims,
         "",
         "**Caveat: prime means easy to mimic, not clean or correct.** The variance head learns how closely the "
         "student can reproduce the teacher on each input, whatever the label. Small σ² (more weight) goes to "
@@ -160,9 +176,12 @@ def render(results: dict[str, Any], rows: Sequence[dict[str, Any]], figures: dic
             *(f"- {verdict_line(r, baseline_label)}" for r in compared),
             "",
         ]
+    if "factor" in figures and (results.get("factor") or results.get("varying") is not None):
+        lines += [*_figure(figures["factor"])]
     lines += ["## Learning curves", "", *_figure(figures["learning_curves"]),
               "## What the learned variance shows", ""]
     lines += _variance(variance) if variance is not None else [f"_No variance summary: {variance_note}_", ""]
-    for name in ("sigma_vs_error", "sigma_by_teacher", "prime_images"):
-        lines += _figure(figures[name])
+    for name in ("sigma_vs_error", "sigma_by_teacher", "sigma_per_dimension", "prime_images"):
+        if name in figures:
+            lines += _figure(figures[name])
     return "\n".join(lines).rstrip() + "\n"

@@ -123,3 +123,54 @@ def prime_images(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], p
         axes[r, 0].text(-0.15, 0.5, row_name, transform=axes[r, 0].transAxes, rotation=90, va="center",
                         ha="right", fontsize=9)
     _save(fig, path)
+
+
+def sigma_per_dimension(dim_log_var: np.ndarray, dim_discrepancy: np.ndarray, sample_log_var: np.ndarray,
+                        sample_discrepancy: np.ndarray, path: Path) -> None:
+    """Two panels: per dimension, mean log σ² against log mean d; and the spread of log σ² and log d across
+    dimensions beside their spread across samples."""
+    fig = Figure(figsize=(10, 4.2))
+    scatter, spread = fig.subplots(1, 2)
+    keep = dim_discrepancy > 0
+    log_d = np.log(dim_discrepancy[keep])
+    scatter.scatter(log_d, dim_log_var[keep], s=14, alpha=0.7)
+    if keep.any():
+        lo, hi = min(log_d.min(), dim_log_var.min()), max(log_d.max(), dim_log_var.max())
+        scatter.plot([lo, hi], [lo, hi], color="black", linestyle="--", linewidth=1, label="σ² = d")
+        scatter.legend(fontsize=8)
+    scatter.set_xlabel("log of the dimension's mean discrepancy d")
+    scatter.set_ylabel("dimension's mean log σ²")
+    scatter.set_title(f"Per dimension ({int(keep.sum())} dimensions)")
+    scatter.grid(alpha=0.3)
+    sample_d = sample_discrepancy[sample_discrepancy > 0]
+    groups = [dim_log_var - dim_log_var.mean(), log_d - log_d.mean() if log_d.size else log_d,
+              sample_log_var - sample_log_var.mean(), np.log(sample_d) - np.log(sample_d).mean()]
+    spread.boxplot(groups, showfliers=False)
+    spread.set_xticks([1, 2, 3, 4], ["log σ²\nacross dims", "log d\nacross dims", "log σ²\nacross samples",
+                                     "log d\nacross samples"], fontsize=8)
+    spread.set_ylabel("value minus its mean")
+    spread.set_title("Spread: dimensions vs samples")
+    spread.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def effect_vs_factor(values: Sequence[str], diffs: Sequence[float], lows: Sequence[float | None],
+                     highs: Sequence[float | None], path: Path, xlabel: str, title: str,
+                     ylabel: str = "paired difference (points)") -> None:
+    """Mean paired differences with their 95% intervals (where there is one) against a factor's values."""
+    fig = Figure(figsize=(max(4.5, 0.9 * len(values) + 2), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(values))
+    for i, (diff, low, high) in enumerate(zip(diffs, lows, highs, strict=True)):
+        if low is not None and high is not None:
+            ax.errorbar([i], [diff], yerr=[[diff - low], [high - diff]], fmt="o", color="tab:blue", capsize=4)
+        else:
+            ax.plot([i], [diff], "o", color="tab:gray")
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(x, list(values), rotation=20 if max((len(v) for v in values), default=0) > 8 else 0,
+                  ha="right" if max((len(v) for v in values), default=0) > 8 else "center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)

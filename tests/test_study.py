@@ -1,0 +1,92 @@
+"""`padkd study`: the plan shares identical runs, a forked stage 2 equals the uninterrupted two-stage run,
+and a tiny study runs end to end through the command line (the only part of the study that runs in CI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import padkd.study as study
+from padkd.cli import main
+from padkd.report.stats import paired_ci
+
+TINY = study.Mode("quick", seeds=2, headline_seeds=2, method_seeds=2, e1=1, e2=1, widths=((2, 4),), weights=(30.0,),
+                  subsets=(150,), stage2=((1, 0.005),), head_lr=(1.0,), methods=("hint",),
+                  weightings=("uniform", "pad"), corruptions=(("noise", 0.1),), mnist_subsets=(), stall_seeds=0,
+                  teacher_epochs=1)
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(study.MODES, "quick", TINY)
+    monkeypatch.setattr(study, "TEACHER", {"name": "cnn", "widths": [4, 8]})
+    monkeypatch.setattr(study, "STUDENT", {"name": "cnn", "widths": [2, 4]})
+
+
+def test_plan_shares_stage1_and_identical_runs(tiny: None) -> None:
+    plan = study.Plan()
+    teacher = study._digits_teacher(plan, TINY)
+    l2 = study.two_stage(0, teacher, stage1=[study.hint()], stage2=[study.hint()], mode=TINY)
+    pad = study.two_stage(0, teacher, stage1=[study.hint()], stage2=[study.hint(1.0, study.PAD)], mode=TINY)
+    a, b = plan.add(l2, fork=True), plan.add(pad, fork=True)
+    assert plan.add(json.loads(json.dumps(l2)), fork=True) == a and a != b
+    assert plan.specs[a].fork == plan.specs[b].fork is not None  # one stage-1 run for both arms of seed 0
+    assert teacher in plan.specs[plan.specs[a].fork].deps
+    other_seed = plan.add(study.two_stage(1, teacher, stage1=[study.hint()], stage2=[study.hint()], mode=TINY),
+                          fork=True)
+    assert other_seed.split("/")[0] == a.split("/")[0] and other_seed.endswith("/s1")
+    assert len(plan.specs) == 6  # the teacher; stage 1 of seeds 0 and 1; L2 and PAD of seed 0; L2 of seed 1
+    with pytest.raises(Exception, match="unknown factor"):
+        study.build_plan(TINY, None, ["nope"])
+
+
+@pytest.mark.slow
+def test_forked_stage2_equals_the_uninterrupted_run(tiny: None, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    plan = study.Plan()
+    teacher = study._digits_teacher(plan, TINY)
+    study.execute(str(tmp_path / "teacher"), {**plan.specs[teacher].raw}, None)
+    raw = study.two_stage(3, str(tmp_path / "teacher"), stage1=[study.hint()],
+                          stage2=[study.hint(1.0, study.PAD)], mode=TINY)
+    whole = study.execute(str(tmp_path / "whole"), raw, None)
+    first = {**raw, "stages": raw["stages"][:1]}
+    study.execute(str(tmp_path / "stage1"), first, None)
+    forked = study.execute(str(tmp_path / "forked"), raw, str(tmp_path / "stage1"))
+    assert forked["last"] == whole["last"]
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "forked" / "checkpoints" / "last.pt", weights_only=True)
+    for key, value in a["student"].items():
+        torch.testing.assert_close(b["student"][key], value, rtol=0, atol=0)
+    for key, value in a["terms"].items():
+        torch.testing.assert_close(b["terms"][key], value, rtol=0, atol=0)
+    epochs = [json.loads(line) for line in (tmp_path / "forked" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["epoch"]) for e in epochs if e["event"] == "epoch"] == [(0, 1), (1, 1)]
+
+
+@pytest.mark.slow
+def test_study_command_smoke(tiny: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "study"
+    code = main(["study", "--mode", "quick", "--out", str(out), "--jobs", "1", "--only", "corrupt", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    rows = results["factors"]["corrupt"]["rows"]
+    assert [r["label"] for r in rows] == ["L2 − none", "PAD − L2"] and all(r["n"] == 2 for r in rows)
+    # the paired difference is the one of the runs' own final.json files
+    specs = study.factor_corrupt(study.Plan(), TINY, study._digits_teacher(study.Plan(), TINY)).rows
+    for row, spec in zip(rows, specs, strict=True):
+        t = [json.loads((out / "runs" / spec.treatment[s] / "final.json").read_text())["last"]["top1"] for s in (0, 1)]
+        c = [json.loads((out / "runs" / spec.control[s] / "final.json").read_text())["last"]["top1"] for s in (0, 1)]
+        diff, low, high = paired_ci(t, c)
+        assert row["diff"] == pytest.approx(diff) and row["low"] == pytest.approx(low)
+    sigma = results["factors"]["corrupt"]["sigma"]["10% noise images"]
+    assert sigma["n"] == 2 and set(sigma["d_log_var"]) == {"mean", "low", "high"}
+    text = (out / "study.md").read_text()
+    assert "Corrupted and mislabelled" in text and "](figures/corrupt.png)" in text
+    assert (out / "figures" / "corrupt.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "reports" / "corrupt" / "report.md").is_file()
+    # a rerun reuses every finished run
+    assert main(["study", "--mode", "quick", "--out", str(out), "--jobs", "1", "--only", "corrupt"]) == 0
+    assert "0 to train" in capsys.readouterr().err
