@@ -656,10 +656,11 @@ def test_term_lr_scale_gives_the_term_its_own_parameter_group(tmp_path: Path, di
     distiller = build_distiller(cfg, stage, student, teacher, task, "stages[1]")
     distiller.prepare(task.collate([data.train[i] for i in range(8)]), data.info())
     optimizer = StageRun(stage, distiller, cfg.engine, torch.device("cpu"), world=1).optimizer
+    # the student, then the term's method (its connector) and its weighting (PAD's head), each at 10x
     lrs = [g["lr"] for g in optimizer.param_groups]
-    assert lrs == pytest.approx([stage.optimizer.lr, 10 * stage.optimizer.lr])
+    assert lrs == pytest.approx([stage.optimizer.lr, 10 * stage.optimizer.lr, 10 * stage.optimizer.lr])
     term_params = {id(p) for p in distiller.terms.parameters()}
-    assert {id(p) for p in optimizer.param_groups[1]["params"]} == term_params
+    assert {id(p) for g in optimizer.param_groups[1:] for p in g["params"]} == term_params
     assert not term_params & {id(p) for p in optimizer.param_groups[0]["params"]}
 
 
