@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from padkd.config import parse_config
+from padkd.demos import fresh_output, progress
 from padkd.engine.trainer import Trainer
 from padkd.errors import PadkdError
 
@@ -101,15 +100,9 @@ def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False
     """Train the teacher and every student over `seeds` paired seeds; write results.json and the report."""
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PadkdError(f"'{out}' already holds files; pass --overwrite to replace it or --out another folder")
-        shutil.rmtree(out)
+    fresh_output(out, overwrite)
     start = time.perf_counter()
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
+    say = progress(quiet)
 
     say(f"[demo] training the teacher {TEACHER['widths']} on digits")
     teacher_final = _train(teacher_config(out, quick))

@@ -86,6 +86,20 @@ def stratified_split(labels: Tensor, fractions: tuple[float, float, float], seed
     return [torch.cat(p).sort().values for p in parts]
 
 
+def holdout_split(n: int, val_size: int, train_subset: int | None, seed: int, what: str) -> tuple[Tensor, Tensor]:
+    """Sorted train and val indices of `n` items: a permutation fixed by `seed` holds out its first `val_size`
+    items; `train_subset` keeps a random subset of the rest. `what` names the items in errors."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in 0..{n - 1} ({what} hold {n} images), got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(train_idx):
+            raise ValueError(f"train_subset must be in 1..{len(train_idx)}, got {train_subset}")
+        train_idx = train_idx[:train_subset]
+    return train_idx.sort().values, val_idx.sort().values
+
+
 DATASETS: Registry[DataSplits] = Registry("dataset")
 
 from padkd.data import (  # noqa: E402,F401  (register the built-in datasets and samplers)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from padkd.data import DATASETS, DataSplits, TensorData
+from padkd.data import DATASETS, DataSplits, TensorData, holdout_split
 from padkd.data.augment import ImageBatchTransform
 from padkd.errors import PadkdError
 
@@ -130,18 +130,9 @@ def load_cifar(name: str, root: str, val_size: int, train_subset: int | None, sp
                          f"{spec.folder}/ (download {spec.title} (python version) from {spec.url} and extract it)")
     train_x, train_y = read_split(base, spec, spec.train_files)
     test_x, test_y = read_split(base, spec, spec.test_files)
-    n = len(train_y)
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in 0..{n - 1} (the training files hold {n} images), got {val_size}")
-    # One permutation fixed by split_seed: its first val_size images are the validation split, the
-    # rest (or its first train_subset) the training split; both keep the files' order.
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if train_subset is not None:
-        if not 1 <= train_subset <= len(train_idx):
-            raise ValueError(f"train_subset must be in 1..{len(train_idx)}, got {train_subset}")
-        train_idx = train_idx[:train_subset]
-    train_idx, val_idx = train_idx.sort().values, val_idx.sort().values
+    # The held-out images are the validation split, the rest (or a subset) the training split; both keep the
+    # files' order.
+    train_idx, val_idx = holdout_split(len(train_y), val_size, train_subset, split_seed, "the training files")
     mean = mean or spec.mean
     std = std or spec.std
     if min(std) <= 0:

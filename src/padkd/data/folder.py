@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from padkd.data import DATASETS, DataSplits
+from padkd.data import DATASETS, DataSplits, holdout_split
 from padkd.data.augment import ImageBatchTransform
 from padkd.errors import PadkdError
 
@@ -106,19 +106,11 @@ def imagenet(root: str, image_size: int = 224, resize_size: int | None = None, v
     test_samples = [(path, train_scan.class_to_idx[val_scan.classes[t]]) for path, t in val_scan.samples]
 
     samples: list[tuple[str, int]] = train_scan.samples
-    n = len(samples)
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be in 0..{n - 1} (train/ holds {n} images), got {val_size}")
-    # A fixed permutation: its first val_size images are held out; train_subset is a random subset of
-    # the rest (the scan is sorted by class, so a prefix would hold only the first classes).
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
-    if train_subset is not None:
-        if not 1 <= train_subset <= len(train_idx):
-            raise ValueError(f"train_subset must be in 1..{len(train_idx)}, got {train_subset}")
-        train_idx = train_idx[:train_subset]
-    train_samples = [samples[i] for i in train_idx.sort().values.tolist()]
-    val_samples = [samples[i] for i in val_idx.sort().values.tolist()]
+    # A fixed held-out permutation; train_subset is a random subset of the rest (the scan is sorted by class, so
+    # a prefix would hold only the first classes).
+    train_idx, val_idx = holdout_split(len(samples), val_size, train_subset, split_seed, "train/'s folders")
+    train_samples = [samples[i] for i in train_idx.tolist()]
+    val_samples = [samples[i] for i in val_idx.tolist()]
 
     train_tf, eval_tf = transforms(image_size, resize_size, augment)
     normalise = ImageBatchTransform(mean, std)

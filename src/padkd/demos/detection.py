@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from padkd.config import parse_config
+from padkd.demos import fresh_output, progress
 from padkd.demos.shapes import write_shapes_coco
 from padkd.engine.trainer import Trainer
 from padkd.errors import PadkdError
@@ -77,16 +76,10 @@ def run_detection_demo(out: Path, seeds: int = 1, quick: bool = False, quiet: bo
     and return their COCO metrics (also written to `OUT/results.json`)."""
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PadkdError(f"'{out}' already holds files; pass --overwrite to replace it or --out another folder")
-        shutil.rmtree(out)
+    fresh_output(out, overwrite)
     start = time.perf_counter()
     plan = schedule(quick)
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
+    say = progress(quiet)
 
     say(f"[demo] {SYNTHETIC}")
     write_shapes_coco(out / "data", {"train": plan["train"], "val": plan["val"]}, size=64)

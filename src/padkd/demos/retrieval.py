@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from padkd.build import build_data, build_model, build_task
 from padkd.config import Component, ModelRef, parse_config
+from padkd.demos import fresh_output, progress
 from padkd.engine.trainer import Trainer
 from padkd.errors import PadkdError
 from padkd.methods import METHODS
@@ -209,15 +208,9 @@ def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_
     if missing:
         raise PadkdError(f"retrieval demo: method '{missing[0]}' is not registered in this install; pass "
                          f"methods without it (e.g. none, l2, pad_l2)")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise PadkdError(f"'{out}' already holds files; pass --overwrite to replace it or --out another folder")
-        shutil.rmtree(out)
+    fresh_output(out, overwrite)
     start = time.perf_counter()
-
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, file=sys.stderr, flush=True)
+    say = progress(quiet)
 
     dataset = "mnist_retrieval" if data_root else "digits_retrieval"
     say(f"[retrieval demo] teacher {TEACHER['widths']}-{TEACHER['embedding_dim']} on {dataset}")
