@@ -793,9 +793,10 @@ def _factor_figure(factor: Factor, rows: list[dict[str, Any]], path: Path) -> bo
                       fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel(factor.xlabel, fontsize=8)
-        ax.set_ylabel("paired difference, test top-1 (points)", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("paired difference, test top-1 (points)", fontsize=8)  # one label: panels sit close
     fig.suptitle(factor.title, fontsize=10)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
