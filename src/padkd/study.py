@@ -368,18 +368,26 @@ def factor_base(plan: Plan, mode: Mode, teacher: str) -> Factor:
     return f
 
 
+def hint_arms(plan: Plan, teacher: str, seeds: int, factor: str, value: str, weight: float = HINT_WEIGHT,
+              **kw: Any) -> tuple[list[Row], dict[int, str], dict[int, str]]:
+    """The student alone, the L2 hint (weight `weight` in both stages) and PAD-L2 (stage 2, w 1) over `seeds`
+    paired seeds of one setting (`kw` for `two_stage`); the rows "L2 − none" and "PAD − L2", and the L2 and PAD
+    arms."""
+    none, l2, pad = {}, {}, {}
+    for seed in range(seeds):
+        none[seed] = plan.add(two_stage(seed, teacher, stage1=[], stage2=[], **kw), fork=True)
+        l2[seed] = plan.add(two_stage(seed, teacher, stage1=[hint(weight)], stage2=[hint(weight)], **kw), fork=True)
+        pad[seed] = plan.add(two_stage(seed, teacher, stage1=[hint(weight)], stage2=[hint(1.0, PAD)], **kw),
+                             fork=True)
+    return [Row(factor, value, "L2 − none", l2, none), Row(factor, value, "PAD − L2", pad, l2)], l2, pad
+
+
 def factor_weight(plan: Plan, mode: Mode, teacher: str) -> Factor:
     f = Factor("weight", "The L2 hint's weight", "Stage 1 trains the hint at weight w; stage 2 continues it (control) "
                "or switches to PAD (w 1, as in the reference recipe). Also the hint's own gain over the student alone.",
                xlabel="hint weight w in stage 1")
     for w in mode.weights:
-        none, l2, pad = {}, {}, {}
-        for seed in range(mode.seeds):
-            none[seed] = plan.add(two_stage(seed, teacher, stage1=[], stage2=[], mode=mode), fork=True)
-            l2[seed] = plan.add(two_stage(seed, teacher, stage1=[hint(w)], stage2=[hint(w)], mode=mode), fork=True)
-            pad[seed] = plan.add(two_stage(seed, teacher, stage1=[hint(w)], stage2=[hint(1.0, PAD)], mode=mode),
-                                 fork=True)
-        f.rows += [Row("weight", f"{w:g}", "L2 − none", l2, none), Row("weight", f"{w:g}", "PAD − L2", pad, l2)]
+        f.rows += hint_arms(plan, teacher, mode.seeds, "weight", f"{w:g}", w, mode=mode)[0]
     return f
 
 
@@ -389,14 +397,8 @@ def factor_gap(plan: Plan, mode: Mode, teacher: str) -> Factor:
                xlabel="student widths")
     for widths in mode.widths:
         student = {"name": "cnn", "widths": list(widths)}
-        none, l2, pad = {}, {}, {}
-        for seed in range(mode.seeds):
-            kw = {"mode": mode, "student": student}
-            none[seed] = plan.add(two_stage(seed, teacher, stage1=[], stage2=[], **kw), fork=True)
-            l2[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint()], **kw), fork=True)
-            pad[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint(1.0, PAD)], **kw), fork=True)
-        value = "-".join(map(str, widths))
-        f.rows += [Row("gap", value, "L2 − none", l2, none), Row("gap", value, "PAD − L2", pad, l2)]
+        f.rows += hint_arms(plan, teacher, mode.seeds, "gap", "-".join(map(str, widths)), mode=mode,
+                            student=student)[0]
     return f
 
 
@@ -409,14 +411,8 @@ def factor_data(plan: Plan, mode: Mode, teacher: str, mnist: tuple[str, str] | N
         # fewer images, fewer steps per epoch: more epochs (at most 2x, so that per-epoch evaluation stays cheap)
         scale = 1 if subset is None else min(2, max(1, round(1078 / subset)))
         e1, e2 = mode.e1 * scale, mode.e2 * scale
-        none, l2, pad = {}, {}, {}
-        for seed in range(mode.seeds):
-            kw = {"mode": mode, "data": data, "e1": e1, "e2": e2}
-            none[seed] = plan.add(two_stage(seed, teacher, stage1=[], stage2=[], **kw), fork=True)
-            l2[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint()], **kw), fork=True)
-            pad[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint(1.0, PAD)], **kw), fork=True)
-        value = f"digits {subset or 1078}"
-        f.rows += [Row("data", value, "L2 − none", l2, none), Row("data", value, "PAD − L2", pad, l2)]
+        f.rows += hint_arms(plan, teacher, mode.seeds, "data", f"digits {subset or 1078}", mode=mode, data=data,
+                            e1=e1, e2=e2)[0]
     if mnist is not None:
         root, mteacher = mnist
         for subset in mode.mnist_subsets:
@@ -424,15 +420,8 @@ def factor_data(plan: Plan, mode: Mode, teacher: str, mnist: tuple[str, str] | N
             steps = subset // 64
             e1 = max(2, round(mode.e1 * 17 / steps))  # digits: 17 steps per epoch
             e2 = max(1, round(mode.e2 * 17 / steps))
-            none, l2, pad = {}, {}, {}
-            for seed in range(min(mode.seeds, 5)):
-                kw = {"mode": mode, "data": data, "e1": e1, "e2": e2, "teacher_model": PROBE_TEACHER}
-                none[seed] = plan.add(two_stage(seed, mteacher, stage1=[], stage2=[], **kw), fork=True)
-                l2[seed] = plan.add(two_stage(seed, mteacher, stage1=[hint()], stage2=[hint()], **kw), fork=True)
-                pad[seed] = plan.add(two_stage(seed, mteacher, stage1=[hint()], stage2=[hint(1.0, PAD)], **kw),
-                                     fork=True)
-            value = f"MNIST {subset}"
-            f.rows += [Row("data", value, "L2 − none", l2, none), Row("data", value, "PAD − L2", pad, l2)]
+            f.rows += hint_arms(plan, mteacher, min(mode.seeds, 5), "data", f"MNIST {subset}", mode=mode, data=data,
+                                e1=e1, e2=e2, teacher_model=PROBE_TEACHER)[0]
     return f
 
 
@@ -574,14 +563,10 @@ def factor_corrupt(plan: Plan, mode: Mode, teacher: str) -> Factor:
                xlabel="training-set corruption")
     for kind, fraction in mode.corruptions:
         data = {**DIGITS, ("noise_fraction" if kind == "noise" else "label_noise"): fraction}
-        none, l2, pad = {}, {}, {}
-        for seed in range(mode.seeds):
-            kw = {"mode": mode, "data": data, "records": ("test", "train")}
-            none[seed] = plan.add(two_stage(seed, teacher, stage1=[], stage2=[], **kw), fork=True)
-            l2[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint()], **kw), fork=True)
-            pad[seed] = plan.add(two_stage(seed, teacher, stage1=[hint()], stage2=[hint(1.0, PAD)], **kw), fork=True)
         value = f"{fraction:.0%} {'noise images' if kind == 'noise' else 'flipped labels'}"
-        f.rows += [Row("corrupt", value, "L2 − none", l2, none), Row("corrupt", value, "PAD − L2", pad, l2)]
+        rows, l2, pad = hint_arms(plan, teacher, mode.seeds, "corrupt", value, mode=mode, data=data,
+                                  records=("test", "train"))
+        f.rows += rows
         f.report[f"L2 ({value})"] = l2
         f.report[f"PAD ({value})"] = pad
     return f
