@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from padkd.build import build_data, build_model, build_task
 from padkd.cli import main
 from padkd.config import load_config, parse_config
 from padkd.engine import checkpoint as ckpt
@@ -356,6 +357,31 @@ def test_malformed_checkpoints_get_one_line(tmp_path: Path, plain_config, capsys
     os.replace(exported, out / "checkpoints/last.pt")
     with pytest.raises(PadkdError, match="--resume needs checkpoints/last.pt of a run"):
         Trainer(parse_config(plain_config(out)), resume=True, quiet=True).run()
+
+
+def test_a_run_of_the_previous_checkpoint_format_serves_its_weights_but_is_not_resumed(tmp_path: Path,
+                                                                                     plain_config, capsys) -> None:
+    """Format 1 (the foundation's trainer) stored `aux` instead of `terms` and no write-order fields: its
+    student is read as a teacher, evaluated and exported; resuming from it is refused in one line."""
+    out = tmp_path / "run"
+    run(plain_config(out))
+    current = ckpt.load(out / "checkpoints" / "last.pt")
+    old = {"format": ckpt.FORMAT, "version": 1, "kind": "run", "model": current["model"],
+           "student": current["student"], "aux": {}, "optimizer": current["optimizer"],
+           "progress": {"stage": 0, "epoch": 1}, "meters": {}, "rng": current["rng"]}
+    teacher = tmp_path / "old" / "checkpoints" / "best.pt"
+    teacher.parent.mkdir(parents=True)
+    torch.save(old, teacher)
+    cfg = parse_config(plain_config(tmp_path / "x"))
+    model = build_model(cfg.student, build_data(cfg), build_task(cfg.task), "student")
+    ckpt.load_model_weights(model, teacher.parents[1], cfg.student.model, "teacher")
+    assert all(torch.equal(v, current["student"][k]) for k, v in model.state_dict().items())
+    exported = tmp_path / "student.pt"
+    assert main(["export", str(teacher.parents[1]), "-o", str(exported)]) == 0
+    assert ckpt.load(exported)["kind"] == "export"
+    capsys.readouterr()
+    with pytest.raises(PadkdError, match=r"written by another padkd version \(format 1, this is 2\)"):
+        ckpt.load(teacher, kind="run")
 
 
 # ---------------------------------------------------------------- 11. a torn metrics line

@@ -91,8 +91,9 @@ _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 
 def load(path: Path, kind: str | None = None) -> dict[str, Any]:
-    """Load a padkd checkpoint or export safely and check its structure; `kind` ("run") demands one kind.
-    Anything else gets one line saying what the file is not."""
+    """Load a padkd checkpoint or export safely and check its structure; `kind` ("run") demands one kind,
+    of this version (resume). Without `kind`, a run checkpoint of another version is accepted for its
+    weights alone. Anything else gets one line saying what the file is not."""
     if not path.is_file():
         raise PadkdError(f"checkpoint '{path}' not found; pass a .pt file written by padkd or a run directory")
     if path.stat().st_size == 0:
@@ -112,10 +113,15 @@ def load(path: Path, kind: str | None = None) -> dict[str, Any]:
     if kind is not None and found != kind:
         raise PadkdError(f"'{path}' is a padkd {found}, not a {kind} checkpoint; --resume needs "
                          "checkpoints/last.pt of a run")
+    required = _REQUIRED[found]
     if found == "run" and obj.get("version") != VERSION:
-        raise PadkdError(f"'{path}' was written by another padkd version (format {obj.get('version')}, this is "
-                         f"{VERSION}); resume it with that version, or export its student and start anew")
-    for key, types in _REQUIRED[found].items():
+        if kind == "run":
+            raise PadkdError(f"'{path}' was written by another padkd version (format {obj.get('version')}, this is "
+                             f"{VERSION}); resume it with that version, or export its student and start anew")
+        # Read for its weights (a teacher, eval, export): `model` and `student` mean the same in every
+        # version; the training state, whose layout changed, is not read.
+        required = _REQUIRED["export"]
+    for key, types in required.items():
         if not isinstance(obj.get(key), types):
             raise PadkdError(f"'{path}' is a malformed padkd {found}: '{key}' is missing or of the wrong type")
     bad = [k for k, v in obj["student"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
