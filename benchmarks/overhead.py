@@ -3,18 +3,29 @@
 The hand-written step: teacher forward under no_grad, student forward, CE + MSE between the linearly
 mapped pooled student embedding and the teacher's (read with forward hooks registered once by hand),
 backward, SGD. padkd's step: the same models, the same loss, through `Distiller` (persistent taps, the
-task's calls) and `StageRun.step` (autocast scope, scaler, accumulation bookkeeping). Also timed: the same
-padkd step with PAD instead of uniform weighting. The variants run in rounds inside one process, their
-order shuffled each round, so machine noise hits all alike; the median over rounds is reported.
+task's calls) and `StageRun.step` (autocast scope, scaler, accumulation bookkeeping); also with PAD
+(default options) instead of uniform weighting. "hand-written, student first" is the hand-written step
+with the two forwards swapped: on CPU, glibc's malloc returns the teacher's freed activations to the OS
+when they sit above the student's saved ones and faults them back in on the next step, which this row
+shows in its page-fault count (padkd runs the teacher first for that reason, docs/speed.md).
 
-    python benchmarks/overhead.py [--pair resnet34-resnet18] [--rounds 7] [--steps 10]
+Each variant runs in its own process, once per round, the order shuffled each round, so neither machine
+noise nor one variant's heap layout favours another; each process times `--steps` steps after warm-up
+and counts its minor page faults. Medians over the rounds are reported.
+
+    python benchmarks/overhead.py [--pair resnet56-resnet20] [--rounds 5] [--steps 10] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -37,28 +48,34 @@ PAIRS: dict[str, tuple[dict, dict, int, int, int]] = {
                           64, 32, 100),
     "resnet56-resnet20": ({"name": "resnet56"}, {"name": "resnet20"}, 32, 64, 100),
 }
+LR = 0.05
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def hand_written(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float) -> Callable[[], None]:
+def hand_written(teacher: nn.Module, student: nn.Module, batch: Batch, student_first: bool = False
+                 ) -> Callable[[], None]:
     """The distillation step as one would write it without a toolkit."""
     feats: dict[str, Tensor] = {}
     last_linear(student).register_forward_hook(lambda m, i, o: feats.__setitem__("s", i[0]))
     last_linear(teacher).register_forward_hook(lambda m, i, o: feats.__setitem__("t", i[0]))
     s_dim, t_dim = last_linear(student).in_features, last_linear(teacher).in_features
     connector = nn.Linear(s_dim, t_dim)
-    optimizer = torch.optim.SGD([*student.parameters(), *connector.parameters()], lr=lr, momentum=0.9,
+    optimizer = torch.optim.SGD([*student.parameters(), *connector.parameters()], lr=LR, momentum=0.9,
                                 weight_decay=5e-4)
     teacher.eval()
     student.train()
 
     def step() -> None:
-        with torch.no_grad():
-            teacher(batch.inputs)
+        if not student_first:
+            with torch.no_grad():
+                teacher(batch.inputs)
         logits = student(batch.inputs)
+        if student_first:
+            with torch.no_grad():
+                teacher(batch.inputs)
         loss = F.cross_entropy(logits, batch.targets) + F.mse_loss(connector(feats["s"]), feats["t"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -67,26 +84,30 @@ def hand_written(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float
     return step
 
 
-def padkd_step(teacher: nn.Module, student: nn.Module, batch: Batch, lr: float,
-               weighting: Weighting | None = None) -> Callable[[], None]:
+def padkd_step(teacher: nn.Module, student: nn.Module, batch: Batch, weighting: Weighting | None = None
+               ) -> Callable[[], None]:
     """The same step through Distiller and StageRun (uniform weighting unless `weighting` is given)."""
     weighting = weighting or Uniform()
     distiller = Distiller(student, teacher, [Term("hint", Hint(), weighting, student="fc:in", teacher="fc:in",
                                                   weight=1.0)], task=Classification())
     distiller.prepare(batch)
-    stage = StageConfig.model_validate({"epochs": 1, "optimizer": {"name": "sgd", "lr": lr}})
+    stage = StageConfig.model_validate({"epochs": 1, "optimizer": {"name": "sgd", "lr": LR}})
     run = StageRun(stage, distiller, EngineConfig(), torch.device("cpu"), world=1)
     distiller.train()
     return lambda: run.step(batch, 0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pair", choices=sorted(PAIRS), default="resnet34-resnet18")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-    teacher_spec, student_spec, size, batch_size, classes = PAIRS[args.pair]
+VARIANTS: dict[str, Callable[[nn.Module, nn.Module, Batch], Callable[[], None]]] = {
+    "hand-written": hand_written,
+    "hand-written, student first": lambda t, s, b: hand_written(t, s, b, student_first=True),
+    "padkd L2": padkd_step,
+    "padkd PAD-L2": lambda t, s, b: padkd_step(t, s, b, PAD()),
+}
+
+
+def child(pair: str, variant: str, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Build one variant in this process, warm it up, time `steps` steps: seconds and minor page faults per step."""
+    teacher_spec, student_spec, size, batch_size, classes = PAIRS[pair]
     g = torch.Generator().manual_seed(0)
     batch = Batch(torch.randn(batch_size, 3, size, size, generator=g),
                   torch.randint(0, classes, (batch_size,), generator=g), torch.arange(batch_size))
@@ -95,35 +116,56 @@ def main() -> None:
         spec = dict(spec)
         return MODELS.build(spec.pop("name"), spec, "model", in_channels=3, num_classes=classes)
 
-    steps: dict[str, Callable[[], None]] = {}
-    for name, make in (("hand-written", lambda t, s: hand_written(t, s, batch, 0.05)),
-                       ("padkd uniform", lambda t, s: padkd_step(t, s, batch, 0.05)),
-                       ("padkd pad", lambda t, s: padkd_step(t, s, batch, 0.05, PAD(mode="per_sample")))):
-        torch.manual_seed(0)
-        steps[name] = make(build(teacher_spec), build(student_spec))
+    torch.manual_seed(0)
+    step = VARIANTS[variant](build(teacher_spec), build(student_spec), batch)
+    for _ in range(warmup):
+        step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    return {"seconds": seconds, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}
 
-    def timed(name: str) -> float:
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            steps[name]()
-        return (time.perf_counter() - start) / args.steps
 
-    for name in steps:  # warm-up round, not timed
-        timed(name)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for _ in range(args.rounds):
+def measure(pair: str, names: list[str], rounds: int, steps: int, threads: int, seed: int = 0
+            ) -> dict[str, dict[str, float]]:
+    """Median seconds and minor page faults per step of each variant, one process per variant and round."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    order, rng = list(names), random.Random(seed)
+    for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            times[name].append(timed(name))
-    base = statistics.median(times["hand-written"])
-    print(f"{args.pair}: batch {batch_size}, 3x{size}x{size}, {classes} classes, {torch.get_num_threads()} threads; "
-          f"median of {args.rounds} rounds x {args.steps} steps, order shuffled each round")
-    print(f"{'variant':16s} {'ms/step':>8s} {'vs hand-written':>16s}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:16s} {1000 * median:8.1f} {median / base:15.3f}x")
+            proc = subprocess.run([sys.executable, __file__, "--child", name, "--pair", pair, "--steps", str(steps),
+                                   "--threads", str(threads)], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"variant {name!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(proc.stdout.splitlines()[-1]))
+    return {name: {key: statistics.median(r[key] for r in values) for key in ("seconds", "faults")}
+            for name, values in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="resnet56-resnet20")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.pair, args.child, args.steps)))
+        return
+    result = measure(args.pair, list(VARIANTS), args.rounds, args.steps, args.threads)
+    _, _, size, batch_size, classes = PAIRS[args.pair]
+    print(f"{args.pair}: batch {batch_size}, 3x{size}x{size}, {classes} classes, {args.threads} threads; median of "
+          f"{args.rounds} rounds x {args.steps} steps, one process per variant and round, order shuffled each round")
+    print(f"{'variant':28s} {'ms/step':>8s} {'vs hand-written':>16s} {'page faults/step':>17s}")
+    base = result["hand-written"]["seconds"]
+    for name, r in result.items():
+        print(f"{name:28s} {1000 * r['seconds']:8.1f} {r['seconds'] / base:15.3f}x {r['faults']:17.0f}")
 
 
 if __name__ == "__main__":

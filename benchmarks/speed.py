@@ -4,7 +4,8 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
 1. PAD-L2 step / plain-L2 step, both through padkd (target <= 1.03): what PAD's variance head adds.
 2. padkd's L2 step / the same step written by hand (target <= 1.05): what the toolkit's plumbing costs.
    (1) and (2) time single training steps of resnet56 -> resnet20 on one fixed batch (benchmarks/overhead.py's
-   hand-written step and padkd step), CE + L2 on the pooled embeddings, SGD.
+   hand-written step and padkd steps, each variant in its own process per round), CE + L2 on the pooled
+   embeddings, SGD.
 3. Whole-pipeline training throughput, data loading and augmentation included, evaluation excluded: the
    CIFAR-100 KD recipe (configs/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
    (examples/torchvision/image_classification.py of github.com/yoshitomo-matsubara/torchdistill, passed with
@@ -35,66 +36,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import overhead  # noqa: E402
 from input_pipeline import cpu_name, write_cifar100  # noqa: E402
-from overhead import PAIRS, hand_written, padkd_step  # noqa: E402
-
-from padkd.batch import Batch  # noqa: E402
-from padkd.models import MODELS  # noqa: E402
-from padkd.weighting import PAD  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
 #: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
 BEST = ["engine.compile=true"]
-
-# ---------------------------------------------------------------- (1), (2): one training step
-
-
-def time_steps(rounds: int, steps: int, threads: int) -> dict[str, float]:
-    """Median seconds per step of the hand-written L2 step, padkd's L2 step and padkd's PAD-L2 step."""
-    torch.set_num_threads(threads)
-    teacher_spec, student_spec, size, batch_size, classes = PAIRS["resnet56-resnet20"]
-    g = torch.Generator().manual_seed(0)
-    batch = Batch(torch.randn(batch_size, 3, size, size, generator=g),
-                  torch.randint(0, classes, (batch_size,), generator=g), torch.arange(batch_size))
-
-    def build(spec: dict) -> torch.nn.Module:
-        spec = dict(spec)
-        return MODELS.build(spec.pop("name"), spec, "model", in_channels=3, num_classes=classes)
-
-    makers: dict[str, Callable[[torch.nn.Module, torch.nn.Module], Callable[[], None]]] = {
-        "hand-written L2": lambda t, s: hand_written(t, s, batch, 0.05),
-        "padkd L2": lambda t, s: padkd_step(t, s, batch, 0.05),
-        "padkd PAD-L2": lambda t, s: padkd_step(t, s, batch, 0.05, PAD(mode="per_element")),
-    }
-    step_fns = {}
-    for name, make in makers.items():
-        torch.manual_seed(0)
-        step_fns[name] = make(build(teacher_spec), build(student_spec))
-
-    def timed(name: str) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step_fns[name]()
-        return (time.perf_counter() - start) / steps
-
-    for name in step_fns:  # warm-up, not timed
-        timed(name)
-    times: dict[str, list[float]] = {name: [] for name in step_fns}
-    order, rng = list(step_fns), random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(timed(name))
-    return {name: statistics.median(values) for name, values in times.items()}
-
 
 # ---------------------------------------------------------------- (3), (4): the whole pipeline
 
@@ -297,7 +251,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per pipeline run; the first is not counted")
     parser.add_argument("--rounds", type=int, default=3, help="pipeline rounds (each runs every variant once)")
     parser.add_argument("--step-rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per variant per step round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per step round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (both pipelines)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -314,14 +268,18 @@ def main() -> None:
     if not args.skip_steps:
         if args.device == "cuda":
             print("steps (1), (2): timed on the CPU only")
-        step = time_steps(args.step_rounds, args.steps, args.threads)
+        step = overhead.measure("resnet56-resnet20", ["hand-written", "padkd L2", "padkd PAD-L2"],
+                                args.step_rounds, args.steps, args.threads)
         print(f"\n1-2. one training step, resnet56 -> resnet20, batch 64, 3x32x32, CE + L2 on the pooled embeddings; "
-              f"median of {args.step_rounds} rounds x {args.steps} steps, order shuffled each round")
-        print(f"{'variant':20s} {'ms/step':>8s}")
-        for name, seconds in step.items():
-            print(f"{name:20s} {1000 * seconds:8.1f}")
-        print(f"(1) PAD-L2 step / L2 step:          {step['padkd PAD-L2'] / step['padkd L2']:.3f}  (target <= 1.03)")
-        print(f"(2) padkd step / hand-written step: {step['padkd L2'] / step['hand-written L2']:.3f}  "
+              f"median of {args.step_rounds} rounds x {args.steps} steps, one process per variant and round, order "
+              "shuffled each round")
+        print(f"{'variant':20s} {'ms/step':>8s} {'page faults/step':>17s}")
+        for name, r in step.items():
+            print(f"{name:20s} {1000 * r['seconds']:8.1f} {r['faults']:17.0f}")
+        seconds = {name: r["seconds"] for name, r in step.items()}
+        print(f"(1) PAD-L2 step / L2 step:          {seconds['padkd PAD-L2'] / seconds['padkd L2']:.3f}  "
+              "(target <= 1.03)")
+        print(f"(2) padkd step / hand-written step: {seconds['padkd L2'] / seconds['hand-written']:.3f}  "
               f"(target <= 1.05)")
 
     variants: dict[str, Callable[[Path, Path], dict]] = {

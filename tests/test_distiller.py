@@ -509,6 +509,8 @@ def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
 class TruncatedTeacher(Classification):
     """A task whose teacher runs only up to `bn` and reads the student's tapped `fc1` output."""
 
+    student_taps = frozenset({"fc1"})
+
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[set[str]] = []
@@ -531,6 +533,24 @@ def test_task_calls_the_models_and_the_teacher_can_read_student_values():
     torch.testing.assert_close(out.teacher, t.bn(t.fc1(b.inputs)))
     expected = (dist.terms[0].method.connector(dist.student.fc1(b.inputs)) - out.teacher).pow(2).mean()
     torch.testing.assert_close(out.losses["h"], expected)
+
+
+@pytest.mark.parametrize("reads_student", [False, True])
+def test_teacher_runs_first_unless_its_forward_reads_student_taps(reads_student: bool):
+    """Teacher first frees its activations before the student's graph exists (peak memory, CPU page faults)."""
+    order: list[str] = []
+    student, teacher = student_mlp(), teacher_mlp()
+    student.register_forward_pre_hook(lambda m, i: order.append("student"))
+    teacher.register_forward_pre_hook(lambda m, i: order.append("teacher"))
+    task = TruncatedTeacher() if reads_student else Classification()
+    if reads_student:  # the truncated teacher calls its submodules: hook the first one it runs
+        teacher.fc1.register_forward_pre_hook(lambda m, i: order.append("teacher"))
+    dist = Distiller(student, teacher, task=task, terms=[Term("h", Hint(), student="fc1", teacher="bn")])
+    b = mlp_batch()
+    dist.prepare(b)
+    order.clear()
+    dist(b)
+    assert order == (["student", "teacher"] if reads_student else ["teacher", "student"])
 
 
 class SignedMethod(Hint):

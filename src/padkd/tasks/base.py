@@ -56,8 +56,9 @@ class Task:
         return model(batch.inputs)
 
     def teacher_forward(self, teacher: nn.Module, batch: Batch, student_values: dict[str, Any]) -> Any:
-        """The teacher's output; runs under no_grad after the student, whose tapped values it may read
-        (a detector teacher can run its backbone only, or its ROI head on the student's proposals)."""
+        """The teacher's output, under no_grad. It runs before the student unless the task declares
+        `student_taps`; then after it, reading those values (a detector teacher runs its backbone on the
+        student's transformed images, or its ROI head on the student's proposals)."""
         return teacher(batch.inputs)
 
     def loss(self, output: Any, batch: Batch) -> Tensor:
