@@ -7,7 +7,8 @@ task's calls) and `StageRun.step` (autocast scope, scaler, accumulation bookkeep
 (default options) instead of uniform weighting. "hand-written, student first" is the hand-written step
 with the two forwards swapped: on CPU, glibc's malloc returns the teacher's freed activations to the OS
 when they sit above the student's saved ones and faults them back in on the next step, which this row
-shows in its page-fault count (padkd runs the teacher first for that reason, docs/speed.md).
+shows in its page-fault count (padkd runs the teacher first for that reason, docs/speed.md). "top pad"
+is padkd's step in a process started with `MALLOC_TOP_PAD_` set, which stops that trimming altogether.
 
 Each variant runs in its own process, once per round, the order shuffled each round, so neither machine
 noise nor one variant's heap layout favours another; each process times `--steps` steps after warm-up
@@ -102,7 +103,11 @@ VARIANTS: dict[str, Callable[[nn.Module, nn.Module, Batch], Callable[[], None]]]
     "hand-written, student first": lambda t, s, b: hand_written(t, s, b, student_first=True),
     "padkd L2": padkd_step,
     "padkd PAD-L2": lambda t, s, b: padkd_step(t, s, b, PAD()),
+    "padkd L2, top pad 512 MiB": padkd_step,
 }
+#: Environment a variant's process gets: glibc keeps 512 MiB above the heap's top instead of trimming it,
+#: so freed pages are not returned to the OS and faulted back (a CPU setting for the user's shell).
+VARIANT_ENV: dict[str, dict[str, str]] = {"padkd L2, top pad 512 MiB": {"MALLOC_TOP_PAD_": str(512 * 2**20)}}
 
 
 def child(pair: str, variant: str, steps: int, warmup: int = 3) -> dict[str, float]:
@@ -138,7 +143,8 @@ def measure(pair: str, names: list[str], rounds: int, steps: int, threads: int, 
         rng.shuffle(order)
         for name in order:
             proc = subprocess.run([sys.executable, __file__, "--child", name, "--pair", pair, "--steps", str(steps),
-                                   "--threads", str(threads)], env=env, capture_output=True, text=True)
+                                   "--threads", str(threads)], env=env | VARIANT_ENV.get(name, {}),
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"variant {name!r} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
             runs[name].append(json.loads(proc.stdout.splitlines()[-1]))
