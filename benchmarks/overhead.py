@@ -15,11 +15,14 @@ noise nor one variant's heap layout favours another; each process times `--steps
 and counts its minor page faults. Medians over the rounds are reported.
 
     python benchmarks/overhead.py [--pair resnet56-resnet20] [--rounds 5] [--steps 10] [--threads 2]
+    python benchmarks/overhead.py --variants "padkd L2" "padkd PAD-L2" --rounds 10   # PAD's cost alone
+    python benchmarks/overhead.py --profile "padkd PAD-L2" --steps 4     # where one variant's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -110,8 +113,9 @@ VARIANTS: dict[str, Callable[[nn.Module, nn.Module, Batch], Callable[[], None]]]
 VARIANT_ENV: dict[str, dict[str, str]] = {"padkd L2, top pad 512 MiB": {"MALLOC_TOP_PAD_": str(512 * 2**20)}}
 
 
-def child(pair: str, variant: str, steps: int, warmup: int = 3) -> dict[str, float]:
-    """Build one variant in this process, warm it up, time `steps` steps: seconds and minor page faults per step."""
+def child(pair: str, variant: str, steps: int, warmup: int = 3, profile: bool = False) -> dict[str, float]:
+    """Build one variant in this process, warm it up, time `steps` steps: seconds and minor page faults per step.
+    `profile`: also print torch.profiler's table of the timed steps (operators by self CPU time)."""
     teacher_spec, student_spec, size, batch_size, classes = PAIRS[pair]
     g = torch.Generator().manual_seed(0)
     batch = Batch(torch.randn(batch_size, 3, size, size, generator=g),
@@ -125,11 +129,15 @@ def child(pair: str, variant: str, steps: int, warmup: int = 3) -> dict[str, flo
     step = VARIANTS[variant](build(teacher_spec), build(student_spec), batch)
     for _ in range(warmup):
         step()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    with profiler or contextlib.nullcontext():
+        for _ in range(steps):
+            step()
     seconds = (time.perf_counter() - start) / steps
+    if profiler is not None:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
     return {"seconds": seconds, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}
 
 
@@ -158,18 +166,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to time (default: all)")
+    parser.add_argument("--profile", choices=sorted(VARIANTS), help="profile this variant's timed steps instead")
     parser.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(child(args.pair, args.child, args.steps)))
+    if args.child or args.profile:
+        print(json.dumps(child(args.pair, args.child or args.profile, args.steps, profile=args.profile is not None)))
         return
-    result = measure(args.pair, list(VARIANTS), args.rounds, args.steps, args.threads)
+    result = measure(args.pair, args.variants, args.rounds, args.steps, args.threads)
     _, _, size, batch_size, classes = PAIRS[args.pair]
     print(f"{args.pair}: batch {batch_size}, 3x{size}x{size}, {classes} classes, {args.threads} threads; median of "
           f"{args.rounds} rounds x {args.steps} steps, one process per variant and round, order shuffled each round")
-    print(f"{'variant':28s} {'ms/step':>8s} {'vs hand-written':>16s} {'page faults/step':>17s}")
-    base = result["hand-written"]["seconds"]
+    reference = "hand-written" if "hand-written" in result else args.variants[0]
+    print(f"{'variant':28s} {'ms/step':>8s} {'vs ' + reference:>16s} {'page faults/step':>17s}")
+    base = result[reference]["seconds"]
     for name, r in result.items():
         print(f"{name:28s} {1000 * r['seconds']:8.1f} {r['seconds'] / base:15.3f}x {r['faults']:17.0f}")
 

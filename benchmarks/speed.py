@@ -48,7 +48,7 @@ from input_pipeline import cpu_name, write_cifar100  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
 #: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
-BEST = ["engine.compile=true"]
+BEST = ["engine.compile=true", "engine.channels_last=true"]
 
 # ---------------------------------------------------------------- (3), (4): the whole pipeline
 
