@@ -43,6 +43,32 @@ def test_plan_shares_stage1_and_identical_runs(tiny: None) -> None:
         study.build_plan(TINY, None, ["nope"])
 
 
+def test_a_time_budget_stops_starting_runs_and_a_rerun_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    clock = [0.0]
+    trained: list[str] = []
+
+    def fake_execute(run_dir: str, raw: dict, fork_dir: str | None) -> dict:
+        trained.append(Path(run_dir).parent.name)
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / "final.json").write_text("{}")
+        clock[0] += 10.0  # each run takes 10 s
+        return {}
+
+    monkeypatch.setattr(study, "execute", fake_execute)
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    plan = study.Plan()
+    keys = [plan.add({"name": f"run{i}", "seed": 0, "stages": [{"epochs": i + 1}]}) for i in range(5)]
+    said: list[str] = []
+    assert study.run_plan(plan, tmp_path, 1, said.append, budget_s=25.0) == {}
+    assert len(trained) == 3 and said[-1] == "[study] 3/5 runs (30s)"
+    assert any("time budget of 0.416667 min reached: 2 runs not started" in line for line in said)
+    assert study.run_plan(plan, tmp_path, 1, said.append) == {}  # the rerun trains the two left
+    assert sorted(trained) == sorted(k.split("/")[0] for k in keys) and "3 runs already finished" in said[-3]
+    with pytest.raises(Exception, match="--minutes must be a positive"):
+        study.run_study(tmp_path / "x", minutes=0)
+
+
 @pytest.mark.slow
 def test_forked_stage2_equals_the_uninterrupted_run(tiny: None, tmp_path: Path) -> None:
     torch.set_num_threads(1)

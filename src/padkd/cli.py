@@ -175,7 +175,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from padkd.study import run_study
 
     run_study(Path(args.out), mode=args.mode, data_root=args.data_root, jobs=args.jobs, seeds=args.seeds,
-              only=args.only, quiet=args.quiet, train=not args.no_train)
+              only=args.only, quiet=args.quiet, train=not args.no_train, minutes=args.minutes)
     return 0
 
 
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why")
     p.add_argument("--mode", choices=["quick", "full"], default="quick",
-                   help="quick: digits only, few seeds (minutes); full: every factor (about an hour on 2 cores)")
+                   help="quick: digits only, few seeds (minutes); full: every factor (over 90 min on 2 cores; "
+                   "see --minutes)")
     p.add_argument("--out", default="runs/study", help="output directory; a rerun reuses its finished runs")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (the MNIST parts are skipped "
                    "without it)")
@@ -249,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="paired seeds per comparison (default: the mode's)")
     p.add_argument("--only", nargs="+", default=None, help="run only these factors (see docs/evidence.md)")
     p.add_argument("--no-train", action="store_true", help="only analyse the runs finished so far")
+    p.add_argument("--minutes", type=float, default=None, help="start no run after this many minutes, then analyse "
+                   "what finished; the same command later continues")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_study)
     return parser

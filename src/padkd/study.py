@@ -202,13 +202,15 @@ def execute(run_dir: str, raw: dict[str, Any], fork_dir: str | None) -> dict[str
     return Trainer(cfg, resume=True, quiet=True).run().final
 
 
-def run_plan(plan: Plan, root: Path, jobs: int, say: Callable[[str], None]) -> dict[str, str]:
+def run_plan(plan: Plan, root: Path, jobs: int, say: Callable[[str], None], budget_s: float | None = None
+             ) -> dict[str, str]:
     """Train every run of the plan not finished yet, `jobs` at a time (dependencies first). Returns the
-    runs that failed, with the reason."""
+    runs that failed, with the reason. `budget_s`: start no run after that many seconds (the running ones
+    finish); a later invocation continues where this one stopped."""
     done = {k for k in plan.specs if (root / k / "final.json").is_file()}
     failed: dict[str, str] = {}
     todo = [k for k in plan.specs if k not in done]
-    total, start = len(todo), time.perf_counter()
+    total, completed, start = len(todo), 0, time.perf_counter()
     say(f"[study] {len(done)} runs already finished, {total} to train with {jobs} job(s)")
     running: dict[Future[dict[str, Any]], str] = {}
     executor = None if jobs <= 1 else ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -234,6 +236,11 @@ def run_plan(plan: Plan, root: Path, jobs: int, say: Callable[[str], None]) -> d
     try:
         while todo or running:
             for key in list(todo):
+                if budget_s is not None and time.perf_counter() - start >= budget_s:
+                    say(f"[study] time budget of {budget_s / 60:g} min reached: {len(todo)} runs not started; "
+                        "rerun the same command to continue (finished runs are reused)")
+                    todo.clear()
+                    break
                 deps = plan.specs[key].deps
                 if any(d in failed for d in deps):
                     failed[key] = f"depends on a failed run ({next(d for d in deps if d in failed)})"
@@ -256,8 +263,9 @@ def run_plan(plan: Plan, root: Path, jobs: int, say: Callable[[str], None]) -> d
                     (root / key).mkdir(parents=True, exist_ok=True)
                     (root / key / "study-error.txt").write_text(
                         "".join(traceback.format_exception(type(err), err, err.__traceback__)))
-                n = total - len(todo) - len(running)
-                say(f"[study] {n}/{total} runs ({time.perf_counter() - start:.0f}s){' FAILED ' + key if err else ''}")
+                completed += 1
+                failure = f" FAILED {key}" if err else ""
+                say(f"[study] {completed}/{total} runs ({time.perf_counter() - start:.0f}s){failure}")
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
@@ -894,9 +902,11 @@ def _dimension_line(d: dict[str, Any]) -> str:
 
 
 def run_study(out: Path, mode: str = "quick", data_root: str | None = None, jobs: int = 2, seeds: int | None = None,
-              only: list[str] | None = None, quiet: bool = False, train: bool = True) -> dict[str, Any]:
+              only: list[str] | None = None, quiet: bool = False, train: bool = True,
+              minutes: float | None = None) -> dict[str, Any]:
     """Plan, train (reusing finished runs) and analyse the study; returns the results written to results.json.
-    `train=False` analyses the runs finished so far (comparisons then have fewer pairs, or none)."""
+    `train=False` analyses the runs finished so far (comparisons then have fewer pairs, or none); `minutes`
+    stops starting runs after that long and analyses what finished."""
     if mode not in MODES:
         raise PadkdError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     chosen = MODES[mode]
@@ -907,6 +917,8 @@ def run_study(out: Path, mode: str = "quick", data_root: str | None = None, jobs
                          "method_seeds": seeds, "stall_seeds": seeds if chosen.stall_seeds else 0})
     if jobs < 1:
         raise PadkdError(f"--jobs must be at least 1, got {jobs}")
+    if minutes is not None and not minutes > 0:
+        raise PadkdError(f"--minutes must be a positive number of minutes, got {minutes}")
     if data_root is not None and not (Path(data_root) / "MNIST" / "raw").is_dir() and not Path(data_root).is_dir():
         raise PadkdError(f"--data-root '{data_root}' is not a directory; give the folder that holds MNIST/raw")
 
@@ -921,7 +933,7 @@ def run_study(out: Path, mode: str = "quick", data_root: str | None = None, jobs
     plan, factors = build_plan(chosen, data_root, only)
     if mode == "full" and data_root is None:
         say("[study] no --data-root: the MNIST parts (data-size subsets, the probe's stall) are skipped")
-    failed = run_plan(plan, root, jobs, say) if train else {}
+    failed = run_plan(plan, root, jobs, say, None if minutes is None else 60 * minutes) if train else {}
     seconds = time.perf_counter() - start
     command = f"padkd study --mode {mode}" + (f" --data-root {data_root}" if data_root else "") + \
         (f" --seeds {seeds}" if seeds else "") + (f" --only {' '.join(only)}" if only else "") + \
