@@ -223,13 +223,13 @@ class Distiller(nn.Module):
         The teacher runs first unless its forward reads student taps: its short-lived activations are then
         freed before the student's saved ones exist, which lowers peak memory and, on CPU, keeps glibc
         from returning the freed pages to the OS and faulting them back in every step (docs/speed.md)."""
-        t_values = None
-        if self._teacher_taps is not None and not self._caller.student_taps:
-            t_values = self._teacher_values(batch, {})
+        runs_teacher = self._teacher_taps is not None
+        teacher_first = runs_teacher and not self._caller.student_taps
+        t_values = self._teacher_values(batch, {}) if teacher_first else None
         with self._student_taps.capture():
             s_out = self._caller.forward(self.student, batch, training=self.training)
         s_values = self._student_taps.values(s_out)
-        if self._teacher_taps is not None and t_values is None:
+        if runs_teacher and not teacher_first:
             t_values = self._teacher_values(batch, s_values)
         return s_values, t_values
 
