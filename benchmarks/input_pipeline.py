@@ -93,7 +93,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar100(Path(tmp), args.images, 100, args.seed)
-        data = DATASETS.build("cifar100", {"root": tmp, "val_size": 0}, "data")
+        data = DATASETS.create("cifar100", {"root": tmp, "val_size": 0}, "data")
     mean, std = data.normalization
     per_image = PerImageCifar(
         data.train.images.permute(0, 2, 3, 1).numpy(), data.train.labels.numpy(),

@@ -44,7 +44,7 @@ from padkd.engine.stage import StageRun
 from padkd.methods import Hint
 from padkd.models import MODELS
 from padkd.tasks import Classification
-from padkd.weighting import PAD, Uniform, Weighting
+from padkd.weightings import PAD, Uniform, Weighting
 
 #: name → (teacher, student, image size, batch size, number of classes)
 PAIRS: dict[str, tuple[dict, dict, int, int, int]] = {
@@ -123,7 +123,7 @@ def child(pair: str, variant: str, steps: int, warmup: int = 3, profile: bool = 
 
     def build(spec: dict) -> nn.Module:
         spec = dict(spec)
-        return MODELS.build(spec.pop("name"), spec, "model", in_channels=3, num_classes=classes)
+        return MODELS.create(spec.pop("name"), spec, "model", in_channels=3, num_classes=classes)
 
     torch.manual_seed(0)
     step = VARIANTS[variant](build(teacher_spec), build(student_spec), batch)

@@ -11,7 +11,7 @@ from padkd import PAD
 from padkd.data import DATASETS
 
 torch.manual_seed(0)
-data = DATASETS.build("digits")
+data = DATASETS.create("digits")
 x, y = data.train.images, data.train.labels
 
 teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU())

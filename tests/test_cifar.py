@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
+from padkd import checkpoint as ckpt
 from padkd.cli import main
 from padkd.config import Config, EngineConfig, StageConfig, load_config, merge, read_raw
 from padkd.distiller import Distiller
-from padkd.engine import checkpoint as ckpt
 from padkd.engine.logging import read_metrics
 from padkd.engine.stage import StageRun
 from padkd.errors import PadkdError
@@ -68,7 +68,7 @@ def test_lr_per_scales_the_lr_by_the_global_batch(lr_per: int | None, batch_size
     """The rule within one process; the world size's factor is checked under torchrun below."""
     stage = StageConfig.model_validate({"epochs": 10, "optimizer": {"lr": 0.1, "lr_per": lr_per},
                                         "scheduler": {"name": "multistep", "milestones": [5]}})
-    student = MODELS.build("mlp", {}, "m", in_channels=1, num_classes=3)
+    student = MODELS.create("mlp", {}, "m", in_channels=1, num_classes=3)
     run = StageRun(stage, Distiller(student, task=Classification()), EngineConfig(accumulate=accumulate),
                    torch.device("cpu"), world=1, batch_size=batch_size)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(expected)

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from padkd.build import build_data, build_model, build_task
+from padkd import checkpoint as ckpt
+from padkd.assemble import make_data, make_model, make_task
 from padkd.cli import main
 from padkd.config import Component, ModelRef, parse_config
-from padkd.engine import checkpoint as ckpt
 
 
 def call(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -191,12 +191,12 @@ def test_export_writes_the_student_alone(trained: dict[str, Any], tmp_path: Path
     assert exported["model"] == {"name": "cnn", "widths": [4, 8]}
     best = ckpt.load(run_dir / "checkpoints" / "best.pt")
     cfg = parse_config(trained["raw"])
-    task = build_task(cfg.task)
-    model = build_model(cfg.student, build_data(cfg), task, "student")
+    task = make_task(cfg.task)
+    model = make_model(cfg.student, make_data(cfg), task, "student")
     assert list(exported["student"]) == list(model.state_dict())
     for key, value in exported["student"].items():
         assert torch.equal(value, best["student"][key])
-    fresh = build_model(ModelRef(model=Component(name="cnn", widths=[4, 8])), build_data(cfg), task, "student")
+    fresh = make_model(ModelRef(model=Component(name="cnn", widths=[4, 8])), make_data(cfg), task, "student")
     ckpt.load_model_weights(fresh, out_file, Component(name="cnn", widths=[4, 8]), "student")
     assert all(torch.equal(v, best["student"][k]) for k, v in fresh.state_dict().items())
     with pytest.raises(Exception, match="holds model"):

@@ -12,6 +12,7 @@ import yaml
 
 from padkd.config import Config, dump_config, load_config, parse_config, set_override
 from padkd.errors import PadkdError
+from padkd.validate import parse_checked
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def raw(tmp_path: Path) -> dict[str, Any]:
 
 def error_of(raw: dict[str, Any]) -> str:
     with pytest.raises(PadkdError) as info:
-        parse_config(raw)
+        parse_checked(raw)
     message = str(info.value)
     assert "\n" not in message, f"config errors must be one line: {message!r}"
     assert "Traceback" not in message

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from padkd.batch import Batch, tree_leaves, tree_map
-from padkd.config import parse_config
 from padkd.context import BuildContext, DataInfo
 from padkd.discrepancy import Discrepancy
 from padkd.errors import PadkdError
 from padkd.methods import METHODS, Method
-from padkd.weighting import WEIGHTINGS
+from padkd.validate import parse_checked
+from padkd.weightings import WEIGHTINGS
 
 B = 8
 NUM_CLASSES = 10
@@ -34,7 +34,7 @@ N_TRAIN = 50
 def make_case(name: str, batch_size: int = B, seed: int = 0) -> tuple[Method, Any, Any, Batch, BuildContext]:
     """A freshly built method with example features and a batch of `batch_size` (labels, indices)."""
     g = torch.Generator().manual_seed(seed)
-    method = METHODS.build(name, {}, f"method {name}")
+    method = METHODS.create(name, {}, f"method {name}")
     student, teacher = type(method).example_features(batch_size, g)
     student = tree_map(lambda t: t.clone().requires_grad_(t.is_floating_point()), student)
     targets = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
@@ -163,7 +163,7 @@ def _embedding(batch_size: int) -> Tensor:
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_weighting_reduces_or_refuses_every_method(name: str, weighting: str) -> None:
     method, s, t, batch, ctx = make_case(name)
-    w = WEIGHTINGS.build(weighting, {}, "weighting")
+    w = WEIGHTINGS.create(weighting, {}, "weighting")
     try:
         w.check(method)
     except ValueError as err:
@@ -176,7 +176,7 @@ def test_every_weighting_reduces_or_refuses_every_method(name: str, weighting: s
                "teacher": {"model": {"name": "cnn"}},
                "stages": [{"epochs": 1, "terms": [{"method": {"name": name}, "weighting": {"name": weighting}}]}]}
         with pytest.raises(PadkdError, match=r"^stages\[0\]\.terms\[0\]\.weighting: "):
-            parse_config(raw)
+            parse_checked(raw)
         return
     method.train()
     w.train()
@@ -204,17 +204,17 @@ def test_pad_per_element_refuses_exchangeable_elements() -> None:
         def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:
             return (torch.cdist(student, student) - torch.cdist(teacher, teacher)).pow(2)
 
-    pad = WEIGHTINGS.build("pad", {}, "w")
+    pad = WEIGHTINGS.create("pad", {}, "w")
     with pytest.raises(ValueError, match="per_sample"):
         pad.check(Rows())
-    WEIGHTINGS.build("pad", {"mode": "per_sample"}, "w").check(Rows())
+    WEIGHTINGS.create("pad", {"mode": "per_sample"}, "w").check(Rows())
 
 
 def test_batch_level_methods_accept_only_uniform() -> None:
     class Whole(Method):
         unit = "batch"
 
-    WEIGHTINGS.build("uniform", {}, "w").check(Whole())
+    WEIGHTINGS.create("uniform", {}, "w").check(Whole())
     for name in set(WEIGHTINGS.names()) - {"uniform"}:
         with pytest.raises(ValueError, match="only weighting 'uniform'"):
-            WEIGHTINGS.build(name, {}, "w").check(Whole())
+            WEIGHTINGS.create(name, {}, "w").check(Whole())

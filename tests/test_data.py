@@ -21,7 +21,7 @@ from padkd.models.cifar import ZOO
 
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
-    return DATASETS.build("digits", {}, "data")
+    return DATASETS.create("digits", {}, "data")
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_digits_normalised_with_train_statistics(digits: DataSplits) -> None:
 
 
 def test_digits_split_fixed_by_split_seed(digits: DataSplits) -> None:
-    same = DATASETS.build("digits", {"split_seed": 0}, "data")
+    same = DATASETS.create("digits", {"split_seed": 0}, "data")
     assert torch.equal(same.train.images, digits.train.images) and torch.equal(same.test.labels, digits.test.labels)
-    other = DATASETS.build("digits", {"split_seed": 1}, "data")
+    other = DATASETS.create("digits", {"split_seed": 1}, "data")
     assert len(other.train) == len(digits.train)
     assert not torch.equal(other.test.images, digits.test.images)
 
@@ -89,11 +89,11 @@ def test_stratified_split_is_disjoint_covering_and_seeded(digit_labels: torch.Te
 
 
 def test_digits_fractions_and_bad_options() -> None:
-    data = DATASETS.build("digits", {"val_fraction": 0.1, "test_fraction": 0.3}, "data")
+    data = DATASETS.create("digits", {"val_fraction": 0.1, "test_fraction": 0.3}, "data")
     assert len(data.train) + len(data.val) + len(data.test) == 1797
     assert abs(len(data.val) - 180) <= 5 and abs(len(data.test) - 539) <= 5
     with pytest.raises(PadkdError, match=r"^data\.val_fraction: "):
-        DATASETS.build("digits", {"val_fraction": "lots"}, "data")
+        DATASETS.create("digits", {"val_fraction": "lots"}, "data")
 
 
 def test_tensor_data_rejects_mismatched_lengths() -> None:
@@ -166,31 +166,31 @@ def check_mnist(data: DataSplits, arrays: dict[str, np.ndarray], val_size: int) 
 
 def test_mnist_reads_idx_files(tmp_path: Path) -> None:
     arrays = write_mnist(tmp_path)
-    data = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+    data = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
     check_mnist(data, arrays, 5)
     assert read_idx(tmp_path / "MNIST" / "raw" / FILES["train_labels"]).tolist() == arrays["train_labels"].tolist()
 
 
 def test_mnist_reads_gzipped_files_and_files_in_root(tmp_path: Path) -> None:
     arrays = write_mnist(tmp_path / "gz", gz=True)
-    check_mnist(DATASETS.build("mnist", {"root": str(tmp_path / "gz"), "val_size": 5}, "data"), arrays, 5)
+    check_mnist(DATASETS.create("mnist", {"root": str(tmp_path / "gz"), "val_size": 5}, "data"), arrays, 5)
     arrays = write_mnist(tmp_path / "flat", folder="")
-    check_mnist(DATASETS.build("mnist", {"root": str(tmp_path / "flat"), "val_size": 3}, "data"), arrays, 3)
+    check_mnist(DATASETS.create("mnist", {"root": str(tmp_path / "flat"), "val_size": 3}, "data"), arrays, 3)
 
 
 def test_mnist_split_seed_and_train_subset(tmp_path: Path) -> None:
     write_mnist(tmp_path)
-    a = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
-    b = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5, "split_seed": 1}, "data")
+    a = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+    b = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5, "split_seed": 1}, "data")
     assert not torch.equal(a.val.images, b.val.images)
-    small = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5, "train_subset": 4}, "data")
+    small = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5, "train_subset": 4}, "data")
     assert len(small.train) == 4 and torch.equal(small.val.images, a.val.images)
 
 
 def test_mnist_missing_root(tmp_path: Path) -> None:
     root = tmp_path / "nowhere"
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("mnist", {"root": str(root)}, "data")
+        DATASETS.create("mnist", {"root": str(root)}, "data")
     message = str(info.value)
     assert message.startswith("data.root: ") and str(root) in message and "set data.root" in message
 
@@ -199,7 +199,7 @@ def test_mnist_missing_file_names_it_and_the_layout(tmp_path: Path) -> None:
     write_mnist(tmp_path)
     (tmp_path / "MNIST" / "raw" / FILES["test_labels"]).unlink()
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
     message = str(info.value)
     assert "t10k-labels-idx1-ubyte" in message and str(tmp_path) in message and "MNIST/raw" in message
     assert "\n" not in message
@@ -210,7 +210,7 @@ def test_mnist_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "MNIST" / "raw" / FILES["train_images"]
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
     assert str(path) in str(info.value) and "truncated" in str(info.value)
 
 
@@ -219,7 +219,7 @@ def test_mnist_file_truncated_inside_its_header(tmp_path: Path) -> None:
     path = tmp_path / "MNIST" / "raw" / FILES["train_images"]
     path.write_bytes(path.read_bytes()[:9])  # magic + 1 of the 3 dims, and a byte
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
     assert str(path) in str(info.value)
     with pytest.raises(PadkdError):
         read_idx(path)
@@ -230,12 +230,12 @@ def test_mnist_bad_magic_and_mismatched_counts(tmp_path: Path) -> None:
     path = tmp_path / "MNIST" / "raw" / FILES["test_images"]
     path.write_bytes(b"\x01\x02" + path.read_bytes()[2:])
     with pytest.raises(PadkdError, match="not an IDX file"):
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
     write_mnist(tmp_path)
     labels = tmp_path / "MNIST" / "raw" / FILES["test_labels"]
     labels.write_bytes(idx_bytes(np.zeros(N_TEST - 1, dtype=np.uint8)))
     with pytest.raises(PadkdError, match=r"MNIST test has 8 images but labels of shape \(7,\)"):
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
 
 
 # ---------------------------------------------------------------- models
@@ -265,7 +265,7 @@ def test_registered_models_build_and_forward(name: str) -> None:
         pytest.importorskip("timm")  # an optional extra (`pip install 'padkd[timm]'`)
     options, channels, size = MODEL_CASES[name]
     torch.manual_seed(0)
-    model = MODELS.build(name, options, "student.model", in_channels=channels, num_classes=10)
+    model = MODELS.create(name, options, "student.model", in_channels=channels, num_classes=10)
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(2, channels, size, size))
@@ -274,13 +274,13 @@ def test_registered_models_build_and_forward(name: str) -> None:
 
 
 def test_cnn_on_mnist_sized_input_and_its_embedding() -> None:
-    model = MODELS.build("cnn", {"widths": [4, 8, 16]}, "m", in_channels=1, num_classes=10)
+    model = MODELS.create("cnn", {"widths": [4, 8, 16]}, "m", in_channels=1, num_classes=10)
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     assert model.fc.in_features == 16
 
 
 def test_torchvision_resnet18_ten_classes_without_download() -> None:
-    model = MODELS.build("torchvision", {"arch": "resnet18"}, "teacher.model", in_channels=3, num_classes=10)
+    model = MODELS.create("torchvision", {"arch": "resnet18"}, "teacher.model", in_channels=3, num_classes=10)
     assert model.fc.out_features == 10
     model.eval()
     with torch.no_grad():
@@ -289,30 +289,30 @@ def test_torchvision_resnet18_ten_classes_without_download() -> None:
 
 def test_torchvision_needs_three_channels() -> None:
     with pytest.raises(PadkdError) as info:
-        MODELS.build("torchvision", {"arch": "resnet18"}, "student.model", in_channels=1, num_classes=10)
+        MODELS.create("torchvision", {"arch": "resnet18"}, "student.model", in_channels=1, num_classes=10)
     assert "3-channel" in str(info.value) and "resnet18" in str(info.value)
 
 
 def test_torchvision_unknown_arch_suggests_the_closest() -> None:
     with pytest.raises(PadkdError) as info:
-        MODELS.build("torchvision", {"arch": "resnet19"}, "student.model", in_channels=3, num_classes=10)
+        MODELS.create("torchvision", {"arch": "resnet19"}, "student.model", in_channels=3, num_classes=10)
     assert "unknown torchvision model 'resnet19'; did you mean 'resnet18'?" in str(info.value)
 
 
 def test_bad_model_options() -> None:
     with pytest.raises(PadkdError, match="widths must be a non-empty list of positive ints"):
-        MODELS.build("cnn", {"widths": [4, 0]}, "student.model", in_channels=1, num_classes=10)
+        MODELS.create("cnn", {"widths": [4, 0]}, "student.model", in_channels=1, num_classes=10)
     with pytest.raises(PadkdError, match=r"^student\.model\.widths: "):
-        MODELS.build("cnn", {"widths": "wide"}, "student.model", in_channels=1, num_classes=10)
+        MODELS.create("cnn", {"widths": "wide"}, "student.model", in_channels=1, num_classes=10)
     with pytest.raises(PadkdError, match=r"^student\.model\.arch: required option is missing"):
-        MODELS.build("torchvision", {}, "student.model", in_channels=3, num_classes=10)
+        MODELS.create("torchvision", {}, "student.model", in_channels=3, num_classes=10)
     with pytest.raises(PadkdError, match="unknown model 'resnet'"):
-        MODELS.build("resnet", {}, "student.model", in_channels=3, num_classes=10)
+        MODELS.create("resnet", {}, "student.model", in_channels=3, num_classes=10)
 
 
 def test_cnn_pool_size_flattens_a_k_by_k_map() -> None:
-    model = MODELS.build("cnn", {"widths": [2, 4], "pool_size": 7}, in_channels=1, num_classes=10)
+    model = MODELS.create("cnn", {"widths": [2, 4], "pool_size": 7}, in_channels=1, num_classes=10)
     assert model.fc.in_features == 4 * 7 * 7
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     with pytest.raises(PadkdError, match="pool_size"):
-        MODELS.build("cnn", {"pool_size": 0}, in_channels=1, num_classes=10)
+        MODELS.create("cnn", {"pool_size": 0}, in_channels=1, num_classes=10)

@@ -143,7 +143,7 @@ def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 def test_cifar100_reads_the_authors_python2_pickles(cifar100_root) -> None:
     root, arrays = cifar100_root
-    data = DATASETS.build("cifar100", {"root": str(root), "val_size": 50}, "data")
+    data = DATASETS.create("cifar100", {"root": str(root), "val_size": 50}, "data")
     check_cifar(data, arrays, 50, 100)
     assert data.normalization == (CIFAR100_MEAN, CIFAR100_STD)
 
@@ -151,25 +151,25 @@ def test_cifar100_reads_the_authors_python2_pickles(cifar100_root) -> None:
 @pytest.mark.parametrize("style", ["py3", "bytes"])
 def test_cifar10_reads_five_training_batches_in_order(tmp_path: Path, style: str) -> None:
     arrays = write_cifar(tmp_path, "cifar10", 103, 17, style=style)
-    data = DATASETS.build("cifar10", {"root": str(tmp_path), "val_size": 13}, "data")
+    data = DATASETS.create("cifar10", {"root": str(tmp_path), "val_size": 13}, "data")
     check_cifar(data, arrays, 13, 10)
     assert data.normalization == (CIFAR10_MEAN, CIFAR10_STD)
-    everything = DATASETS.build("cifar10", {"root": str(tmp_path), "val_size": 0}, "data")
+    everything = DATASETS.create("cifar10", {"root": str(tmp_path), "val_size": 0}, "data")
     assert [image_id(everything.train[i][0]) for i in range(103)] == list(range(103))  # batch 1, 2, ..., 5
 
 
 def test_cifar_val_size_zero_split_seed_and_train_subset(cifar100_root) -> None:
     root, arrays = cifar100_root
-    none = DATASETS.build("cifar100", {"root": str(root), "val_size": 0}, "data")
+    none = DATASETS.create("cifar100", {"root": str(root), "val_size": 0}, "data")
     assert none.val is None and len(none.train) == 300
     check_cifar(none, arrays, 0, 100)
     with pytest.raises(ValueError, match="no 'val' split"):
         none.split("val")
-    a = DATASETS.build("cifar100", {"root": str(root), "val_size": 50}, "data")
-    again = DATASETS.build("cifar100", {"root": str(root), "val_size": 50, "split_seed": 0}, "data")
-    b = DATASETS.build("cifar100", {"root": str(root), "val_size": 50, "split_seed": 1}, "data")
+    a = DATASETS.create("cifar100", {"root": str(root), "val_size": 50}, "data")
+    again = DATASETS.create("cifar100", {"root": str(root), "val_size": 50, "split_seed": 0}, "data")
+    b = DATASETS.create("cifar100", {"root": str(root), "val_size": 50, "split_seed": 1}, "data")
     assert torch.equal(a.val.images, again.val.images) and not torch.equal(a.val.images, b.val.images)
-    small = DATASETS.build("cifar100", {"root": str(root), "val_size": 50, "train_subset": 20}, "data")
+    small = DATASETS.create("cifar100", {"root": str(root), "val_size": 50, "train_subset": 20}, "data")
     assert len(small.train) == 20 and torch.equal(small.val.images, a.val.images)
     assert len(small.train_targets) == 20
     train_ids = {image_id(x) for x in a.train.images}
@@ -180,12 +180,12 @@ def test_cifar_val_size_zero_split_seed_and_train_subset(cifar100_root) -> None:
                              ({"crop_padding": -1}, "crop_padding must be >= 0"),
                              ({"std": [0.2, 0.0, 0.2]}, "std must be positive")):
         with pytest.raises(PadkdError, match=rf"^data: {message}"):
-            DATASETS.build("cifar100", {"root": str(root), "val_size": 50, **options}, "data")
+            DATASETS.create("cifar100", {"root": str(root), "val_size": 50, **options}, "data")
 
 
 def test_cifar_eval_split_of_train_and_records_use_the_eval_transform(cifar100_root) -> None:
     root, _ = cifar100_root
-    data = DATASETS.build("cifar100", {"root": str(root), "val_size": 50}, "data")
+    data = DATASETS.create("cifar100", {"root": str(root), "val_size": 50}, "data")
     # The items are the raw uint8 images for both uses; the loader picks the device transform.
     assert data.split("train") is data.train and data.split("train", augment=True) is data.train
     assert data.eval_train is None
@@ -194,7 +194,7 @@ def test_cifar_eval_split_of_train_and_records_use_the_eval_transform(cifar100_r
     assert (eval_tf.padding, eval_tf.flip) == (0, False)
     train_tf = data.device_transforms["train"]
     assert (train_tf.padding, train_tf.flip) == (4, True)
-    plain = DATASETS.build("cifar100", {"root": str(root), "val_size": 50, "augment": False}, "data")
+    plain = DATASETS.create("cifar100", {"root": str(root), "val_size": 50, "augment": False}, "data")
     assert (plain.device_transforms["train"].padding, plain.device_transforms["train"].flip) == (0, False)
 
 
@@ -208,7 +208,7 @@ def cifar_batch(data: DataSplits, n: int) -> Batch:
 def test_eval_transform_is_deterministic_and_normalises_per_channel(cifar100_root) -> None:
     root, _ = cifar100_root
     for name, mean, std in (("cifar100", CIFAR100_MEAN, CIFAR100_STD),):
-        data = DATASETS.build(name, {"root": str(root), "val_size": 0}, "data")
+        data = DATASETS.create(name, {"root": str(root), "val_size": 0}, "data")
         batch = cifar_batch(data, 16)
         out = data.device_transforms["eval"](batch)
         assert out.inputs.dtype == torch.float32 and out.inputs.shape == (16, 3, 32, 32)
@@ -223,7 +223,7 @@ def test_eval_transform_is_deterministic_and_normalises_per_channel(cifar100_roo
 
 def test_cifar10_eval_constants(tmp_path: Path) -> None:
     write_cifar(tmp_path, "cifar10", 20, 5, style="py3")
-    data = DATASETS.build("cifar10", {"root": str(tmp_path), "val_size": 0}, "data")
+    data = DATASETS.create("cifar10", {"root": str(tmp_path), "val_size": 0}, "data")
     white = Batch(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
                   torch.zeros(1, dtype=torch.long))
     out = data.device_transforms["eval"](white).inputs
@@ -233,7 +233,7 @@ def test_cifar10_eval_constants(tmp_path: Path) -> None:
 
 def test_flip_only_reproduces_a_hand_computed_flip(cifar100_root) -> None:
     root, _ = cifar100_root
-    data = DATASETS.build("cifar100", {"root": str(root), "val_size": 0, "crop_padding": 0}, "data")
+    data = DATASETS.create("cifar100", {"root": str(root), "val_size": 0, "crop_padding": 0}, "data")
     batch = cifar_batch(data, 64)
     torch.manual_seed(0)
     out = data.device_transforms["train"](batch).inputs
@@ -283,7 +283,7 @@ def test_crop_keeps_the_size_and_shifts_by_at_most_the_padding() -> None:
 
 def test_train_transform_is_random_and_follows_the_torch_seed(cifar100_root) -> None:
     root, _ = cifar100_root
-    data = DATASETS.build("cifar100", {"root": str(root), "val_size": 0}, "data")
+    data = DATASETS.create("cifar100", {"root": str(root), "val_size": 0}, "data")
     batch = cifar_batch(data, 32)
     transform = data.device_transforms["train"]
     torch.manual_seed(0)
@@ -313,7 +313,7 @@ def test_batch_transform_rejects_bad_settings() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_transforms_run_on_the_gpu(cifar100_root) -> None:
     root, _ = cifar100_root
-    data = DATASETS.build("cifar100", {"root": str(root), "val_size": 0}, "data")
+    data = DATASETS.create("cifar100", {"root": str(root), "val_size": 0}, "data")
     batch = cifar_batch(data, 64)
     gpu = batch.to("cuda")
     for split in ("train", "eval"):
@@ -332,18 +332,18 @@ def test_device_transforms_run_on_the_gpu(cifar100_root) -> None:
 
 def test_cifar_missing_root_and_missing_files(tmp_path: Path) -> None:
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("cifar100", {"root": str(tmp_path / "nowhere")}, "data")
+        DATASETS.create("cifar100", {"root": str(tmp_path / "nowhere")}, "data")
     message = str(info.value)
     assert message.startswith("data.root: ") and "nowhere" in message and "cifar-100-python" in message
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("cifar100", {"root": str(tmp_path)}, "data")
+        DATASETS.create("cifar100", {"root": str(tmp_path)}, "data")
     message = str(info.value)
     assert message == (f"data.root: '{tmp_path}' holds no cifar-100-python/train; download CIFAR-100 (python "
                        "version) from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it there")
     write_cifar(tmp_path, "cifar10", 50, 10, style="py3")
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("cifar10", {"root": str(tmp_path)}, "data")
+        DATASETS.create("cifar10", {"root": str(tmp_path)}, "data")
     message = str(info.value)
     assert "cifar-10-batches-py/data_batch_4" in message and "cifar-10-python.tar.gz" in message
     assert "\n" not in message
@@ -373,7 +373,7 @@ def test_cifar_malformed_files_get_one_line_naming_the_file(tmp_path: Path) -> N
     for blob, expected in malformed_cases(path):
         path.write_bytes(blob)
         with pytest.raises(PadkdError, match=expected) as info:
-            DATASETS.build("cifar100", {"root": str(tmp_path), "val_size": 0}, "data")
+            DATASETS.create("cifar100", {"root": str(tmp_path), "val_size": 0}, "data")
         message = str(info.value)
         assert message.startswith(f"{path}: ") and "\n" not in message
 
@@ -392,7 +392,7 @@ def test_cifar_pickle_cannot_run_code(tmp_path: Path) -> None:
     path = tmp_path / "cifar-100-python" / "test"
     path.write_bytes(pickle.dumps({"data": _Exploit(marker), "fine_labels": [0]}, protocol=2))
     with pytest.raises(PadkdError, match="refusing to load global"):
-        DATASETS.build("cifar100", {"root": str(tmp_path), "val_size": 0}, "data")
+        DATASETS.create("cifar100", {"root": str(tmp_path), "val_size": 0}, "data")
     assert not marker.exists()
 
 
@@ -431,7 +431,7 @@ FOLDER = {"image_size": 16, "resize_size": 20}
 
 def test_folder_reads_train_and_val_with_the_train_class_indices(tmp_path: Path) -> None:
     write_folder(tmp_path, val_classes=(CLASSES[0], CLASSES[2]))  # val lacks the middle class
-    data = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
+    data = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
     assert data.num_classes == 3 and data.in_channels == 3 and data.val is None
     assert len(data.train) == 3 * 6 and len(data.test) == 2 * 4
     assert data.normalization == (IMAGENET_MEAN, IMAGENET_STD)
@@ -447,7 +447,7 @@ def test_folder_reads_train_and_val_with_the_train_class_indices(tmp_path: Path)
 
 def test_folder_eval_transform_resizes_and_centre_crops(tmp_path: Path) -> None:
     colours = write_folder(tmp_path)
-    data = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
+    data = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
     checked = 0
     for i, (path, _) in enumerate(data.test.samples):
         key = "/".join(Path(path).parts[-3:])
@@ -460,7 +460,7 @@ def test_folder_eval_transform_resizes_and_centre_crops(tmp_path: Path) -> None:
             checked += 1
     assert checked == 7
     # resize_size equal to the shorter side: the eval transform is a pure centre crop, rows 2..17, cols 7..22.
-    exact = DATASETS.build("imagenet", {"root": str(tmp_path), "image_size": 16, "resize_size": 20}, "data")
+    exact = DATASETS.create("imagenet", {"root": str(tmp_path), "image_size": 16, "resize_size": 20}, "data")
     wide = np.asarray(Image.open(tmp_path / "train" / CLASSES[1] / f"{CLASSES[1]}_0.png"))
     wide = wide.copy()
     wide[:, :, 2] = np.arange(30)[None, :] * 8
@@ -473,7 +473,7 @@ def test_folder_eval_transform_resizes_and_centre_crops(tmp_path: Path) -> None:
 
 def test_folder_train_transform_is_random_crop_and_flip(tmp_path: Path) -> None:
     colours = write_folder(tmp_path)
-    data = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
+    data = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
     names = [Path(p).name for p, _ in data.train.samples]
     noisy = names.index(f"{CLASSES[0]}_noisy.JPEG")
     torch.manual_seed(0)
@@ -486,13 +486,13 @@ def test_folder_train_transform_is_random_crop_and_flip(tmp_path: Path) -> None:
     solid = names.index(f"{CLASSES[2]}_1.png")
     colour = colours[f"train/{CLASSES[2]}/{CLASSES[2]}_1.png"]
     assert (data.train[solid][0] == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all()
-    plain = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER, "augment": False}, "data")
+    plain = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER, "augment": False}, "data")
     assert torch.equal(plain.train[noisy][0], plain.eval_train[noisy][0])
 
 
 def test_folder_device_transform_normalises_with_imagenet_constants(tmp_path: Path) -> None:
     write_folder(tmp_path)
-    data = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
+    data = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER}, "data")
     batch = stack_collate([data.test[i] for i in range(4)])
     for split in ("train", "eval"):
         out = data.device_transforms[split](batch).inputs
@@ -503,27 +503,27 @@ def test_folder_device_transform_normalises_with_imagenet_constants(tmp_path: Pa
 
 def test_folder_val_size_and_train_subset(tmp_path: Path) -> None:
     write_folder(tmp_path)
-    data = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER, "val_size": 5}, "data")
+    data = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER, "val_size": 5}, "data")
     assert len(data.val) == 5 and len(data.train) == 13 and len(data.train_targets) == 13
     held_out = {p for p, _ in data.val.samples}
     assert not held_out & {p for p, _ in data.train.samples}
     assert data.val[0][0].shape == (3, 16, 16)
-    other = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER, "val_size": 5, "split_seed": 1}, "data")
+    other = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER, "val_size": 5, "split_seed": 1}, "data")
     assert {p for p, _ in other.val.samples} != held_out
-    small = DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER, "train_subset": 6}, "data")
+    small = DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER, "train_subset": 6}, "data")
     assert len(small.train) == 6 and len(small.eval_train) == 6
     assert len(set(small.train_targets.tolist())) > 1  # a random subset, not the first class folder
     with pytest.raises(PadkdError, match=r"^data: train_subset must be in 1\.\.18"):
-        DATASETS.build("imagenet", {"root": str(tmp_path), **FOLDER, "train_subset": 19}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path), **FOLDER, "train_subset": 19}, "data")
     with pytest.raises(PadkdError, match=r"^data: resize_size \(8\) must be at least image_size \(16\)"):
-        DATASETS.build("imagenet", {"root": str(tmp_path), "image_size": 16, "resize_size": 8}, "data")
-    default = DATASETS.build("imagenet", {"root": str(tmp_path), "image_size": 56}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path), "image_size": 16, "resize_size": 8}, "data")
+    default = DATASETS.create("imagenet", {"root": str(tmp_path), "image_size": 56}, "data")
     assert default.test[0][0].shape == (3, 56, 56)  # resized to 64 (56 / 0.875), centre-cropped
 
 
 def test_folder_errors_name_the_expected_layout(tmp_path: Path) -> None:
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("imagenet", {"root": str(tmp_path)}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path)}, "data")
     message = str(info.value)
     assert message.startswith(f"data.root: '{tmp_path}' holds no train/ folder; expected ROOT/train/<class>/")
     assert "image-net.org" in message and "\n" not in message
@@ -534,24 +534,24 @@ def test_folder_errors_name_the_expected_layout(tmp_path: Path) -> None:
             image.rename(flat / image.name)
         folder.rmdir()
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("imagenet", {"root": str(tmp_path)}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path)}, "data")
     message = str(info.value)
     assert f"'{flat}' holds no class folders" in message and "val/<wnid>/" in message and "\n" not in message
     (flat / "n99999999").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(flat / "n99999999" / "x.png")
     with pytest.raises(PadkdError, match=r"class folders that train/ lacks: \['n99999999'\]"):
-        DATASETS.build("imagenet", {"root": str(tmp_path)}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path)}, "data")
     (flat / "n99999999" / "x.png").unlink()
     (flat / "n99999999").rmdir()
     for image in flat.iterdir():
         image.unlink()
     (flat / CLASSES[0]).mkdir()
     with pytest.raises(PadkdError, match="holds no images in its class folders"):
-        DATASETS.build("imagenet", {"root": str(tmp_path)}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path)}, "data")
     empty = tmp_path / "train" / "n00000000"
     empty.mkdir()
     with pytest.raises(PadkdError) as info:
-        DATASETS.build("imagenet", {"root": str(tmp_path)}, "data")
+        DATASETS.create("imagenet", {"root": str(tmp_path)}, "data")
     assert "n00000000" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -577,13 +577,13 @@ def cifar_config(data_root: Path, run_dir: Path, **data: object) -> dict[str, ob
 
 
 def test_engine_loaders_apply_the_device_transforms(tmp_path: Path) -> None:
-    from padkd.build import build_data
+    from padkd.assemble import make_data
     from padkd.config import parse_config
     from padkd.engine.loaders import make_loader
 
     write_cifar(tmp_path, "cifar10", 100, 20, style="py3")
     cfg = parse_config(cifar_config(tmp_path, tmp_path / "run", val_size=20, batch_size=16))
-    data = build_data(cfg)
+    data = make_data(cfg)
     torch.manual_seed(0)
     train = make_loader(cfg, data, "train", train=True, collate=stack_collate, device=torch.device("cpu"))
     batches = list(train)
@@ -618,8 +618,8 @@ def test_tiny_cifar_trains_end_to_end(tmp_path: Path) -> None:
 def test_resumed_cifar_run_draws_the_same_augmentation(tmp_path: Path) -> None:
     """The crops and flips come from the device's torch generator, which checkpoints save: a run
     interrupted mid-epoch and resumed ends with exactly the weights of an uninterrupted run."""
+    from padkd import checkpoint as ckpt
     from padkd.config import parse_config
-    from padkd.engine import checkpoint as ckpt
     from padkd.engine.trainer import Interrupted, Trainer
 
     write_cifar(tmp_path / "data", "cifar10", 320, 32, style="py3")

@@ -21,7 +21,7 @@ from padkd.methods import METHODS
 from padkd.methods.detection import imitation_mask, level_anchors
 from padkd.models import MODELS
 from padkd.tasks.detection import CocoEvaluator, Detection, coco_metrics, match_normalization
-from padkd.weighting import PAD, WEIGHTINGS
+from padkd.weightings import PAD, WEIGHTINGS
 
 TINY = {"backbone": "cnn", "widths": [4, 8, 8, 8], "fpn_channels": 8, "min_size": 32, "max_size": 32,
         "anchor_size": 8, "representation_size": 16, "proposals": 20, "box_batch_size_per_image": 16,
@@ -114,7 +114,7 @@ def test_level_anchors_are_torchvisions() -> None:
 
 
 def built(name: str, options: dict, student: list | dict, teacher: dict, model: nn.Module | None = None):
-    method = METHODS.build(name, options, "m")
+    method = METHODS.create(name, options, "m")
     batch = Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long), torch.arange(2))
     ctx = BuildContext(student=student, teacher=teacher, batch=batch, data=DataInfo(n_train=2), world_size=1,
                        student_model=model or nn.Linear(1, 1), teacher_model=None)
@@ -144,12 +144,12 @@ def test_fgfi_loss_is_the_papers_normalisation() -> None:
         d = method([{"0": s}, gt], {"0": t}, batch)
         assert d.layout == [("0", 4, 4)]
         torch.testing.assert_close(d.mask, masks)
-        torch.testing.assert_close(WEIGHTINGS.build("uniform", {})(d).loss, expected)
+        torch.testing.assert_close(WEIGHTINGS.create("uniform", {})(d).loss, expected)
 
 
 def test_fgfi_reads_the_students_anchor_generator() -> None:
-    model = MODELS.build("fasterrcnn", TINY, "m", num_classes=3)
-    method = METHODS.build("fgfi", {}, "m")
+    model = MODELS.create("fasterrcnn", TINY, "m", num_classes=3)
+    method = METHODS.create("fgfi", {}, "m")
     fpn = OrderedDict((k, torch.randn(1, 8, 32 // 2 ** (i + 2), 32 // 2 ** (i + 2)))
                       for i, k in enumerate(["0", "1", "2", "3"]))
     fpn["pool"] = torch.randn(1, 8, 1, 1)
@@ -183,7 +183,7 @@ def test_fpn_l2_pairs_levels_by_size_adapts_channels_and_masks_padding() -> None
     # uniform, batch normalisation: the MSE over every real location and channel of the batch
     total = err0[0].sum() + err1[0].sum() + err0[1][:, valid0].sum() + err1[1][:, valid1].sum()
     count = 5 * (16 + 4 + int(valid0.sum()) + int(valid1.sum()))
-    torch.testing.assert_close(WEIGHTINGS.build("uniform", {})(d).loss, total / count)
+    torch.testing.assert_close(WEIGHTINGS.create("uniform", {})(d).loss, total / count)
 
 
 def test_detection_methods_explain_wrong_taps() -> None:
@@ -268,7 +268,7 @@ def test_pad_per_sample_pools_fpn_dicts() -> None:
 def test_element_granularity_ohem_keeps_the_hardest_valid_elements() -> None:
     d = torch.tensor([[1.0, 5.0, 0.0, 2.0], [9.0, 3.0, 4.0, 0.5]])
     mask = torch.tensor([[True, True, True, True], [False, True, True, True]])  # the 9 is padding
-    out = WEIGHTINGS.build("ohem", {"fraction": 0.5, "granularity": "element"})(Discrepancy(d, mask))
+    out = WEIGHTINGS.create("ohem", {"fraction": 0.5, "granularity": "element"})(Discrepancy(d, mask))
     # 7 valid elements, top ceil(3.5) = 4: 5, 4, 3, 2; weights 7/4 on them (mean 1 over valid elements)
     w = torch.tensor([[0.0, 1.75, 0.0, 1.75], [0.0, 1.75, 1.75, 0.0]])
     expected = ((w * d)[0].sum() / 4 + (w * d)[1, 1:].sum() / 3) / 2
@@ -282,15 +282,15 @@ def test_element_granularity_uniform_weights_give_the_uniform_loss() -> None:
     d = torch.rand(3, 6)
     mask = torch.rand(3, 6) > 0.3
     mask[:, 0] = True
-    focal = WEIGHTINGS.build("focal", {"gamma": 0.0, "granularity": "element"})(Discrepancy(d, mask))
-    uniform = WEIGHTINGS.build("uniform", {})(Discrepancy(d, mask))
+    focal = WEIGHTINGS.create("focal", {"gamma": 0.0, "granularity": "element"})(Discrepancy(d, mask))
+    uniform = WEIGHTINGS.create("uniform", {})(Discrepancy(d, mask))
     torch.testing.assert_close(focal.loss, uniform.loss)
-    gamma2 = WEIGHTINGS.build("focal", {"gamma": 2.0, "granularity": "element"})(Discrepancy(d, mask))
+    gamma2 = WEIGHTINGS.create("focal", {"gamma": 2.0, "granularity": "element"})(Discrepancy(d, mask))
     w = torch.where(mask, d**2, torch.zeros(()))
     w = w * mask.sum() / w.sum()
     torch.testing.assert_close(gamma2.loss, (((w * d) * mask).sum(1) / mask.sum(1)).mean())
     with pytest.raises(PadkdError, match="granularity"):
-        WEIGHTINGS.build("ohem", {"granularity": "pixel"})
+        WEIGHTINGS.create("ohem", {"granularity": "pixel"})
 
 
 # ------------------------------------------------------------------------------------------ readers
@@ -329,7 +329,7 @@ def tiny_coco(root: Path) -> Path:
 
 def test_coco_reader(tmp_path: Path) -> None:
     root = tiny_coco(tmp_path)
-    data = DATASETS.build("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 0.0}, "d")
+    data = DATASETS.create("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 0.0}, "d")
     assert data.num_classes == 3 and data.val is None
     assert len(data.train) == 1  # image 11 has only a zero-width box: left out of training
     assert len(data.eval_train) == 2
@@ -339,15 +339,15 @@ def test_coco_reader(tmp_path: Path) -> None:
     torch.testing.assert_close(target["boxes"], torch.tensor([[2.0, 3.0, 12.0, 8.0], [25.0, 15.0, 30.0, 20.0]]))
     assert target["labels"].tolist() == [2, 1] and int(target["image_id"]) == 10 and index == 0
     assert data.test.label_to_category == {1: 3, 2: 7}
-    raw = DATASETS.build("coco", {"root": str(root), "train": "train", "val": None, "test": "val",
+    raw = DATASETS.create("coco", {"root": str(root), "train": "train", "val": None, "test": "val",
                                   "contiguous_labels": False}, "d")
     assert raw.num_classes == 8 and raw.train[0][1]["labels"].tolist() == [7, 3]
 
 
 def test_coco_resize_and_flip_move_the_boxes(tmp_path: Path) -> None:
     root = tiny_coco(tmp_path)
-    plain = DATASETS.build("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 0.0}, "d")
-    sized = DATASETS.build("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 1.0,
+    plain = DATASETS.create("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 0.0}, "d")
+    sized = DATASETS.create("coco", {"root": str(root), "train": "train", "val": None, "test": "val", "flip": 1.0,
                                     "resize": [40, 45]}, "d")
     image, target, _ = sized.train[0]
     assert image.shape == (3, 30, 45)  # 20×30 → shorter side 40 would make the longer 60 > 45: ×1.5
@@ -362,17 +362,17 @@ def test_coco_reader_errors_are_one_line(tmp_path: Path) -> None:
     options = {"root": str(root), "train": "train", "val": None, "test": "val"}
     (root / "annotations" / "instances_val.json").write_text('{"images": [')
     with pytest.raises(PadkdError, match=r"not valid JSON \(line 1") as err:
-        DATASETS.build("coco", options, "d")
+        DATASETS.create("coco", options, "d")
     assert "\n" not in str(err.value)
     (root / "annotations" / "instances_val.json").write_text('{"images": [], "categories": []}')
     with pytest.raises(PadkdError, match="no 'annotations' list"):
-        DATASETS.build("coco", options, "d")
+        DATASETS.create("coco", options, "d")
     (root / "annotations" / "instances_val.json").write_text(json.dumps(
         {"images": [{"id": 1, "file_name": "gone.png"}], "annotations": [], "categories": [{"id": 3}, {"id": 7}]}))
     with pytest.raises(PadkdError, match=r"gone\.png' listed in .* not found \(1 of 1 missing\)"):
-        DATASETS.build("coco", options, "d")
+        DATASETS.create("coco", options, "d")
     with pytest.raises(PadkdError, match="annotation file .* not found"):
-        DATASETS.build("coco", {**options, "test": "test"}, "d")
+        DATASETS.create("coco", {**options, "test": "test"}, "d")
 
 
 def write_voc(root: Path) -> Path:
@@ -394,7 +394,7 @@ def write_voc(root: Path) -> Path:
 
 def test_voc_reader(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2007")
-    data = DATASETS.build("voc", {"root": str(root), "classes": ["cat", "dog"], "flip": 0.0}, "d")
+    data = DATASETS.create("voc", {"root": str(root), "classes": ["cat", "dog"], "flip": 0.0}, "d")
     assert data.num_classes == 3 and len(data.train) == 1 and len(data.test) == 2
     image, target, _ = data.train[0]
     assert image.shape == (3, 16, 20)
@@ -404,13 +404,13 @@ def test_voc_reader(tmp_path: Path) -> None:
     anns = data.test.coco.imgToAnns[1]
     assert [a["iscrowd"] for a in anns] == [0, 1]  # difficult objects are ignored by COCOeval
     assert anns[0]["bbox"] == [0.0, 1.0, 10.0, 7.0]
-    kept = DATASETS.build("voc", {"root": str(root), "classes": ["cat", "dog"], "keep_difficult": True}, "d")
+    kept = DATASETS.create("voc", {"root": str(root), "classes": ["cat", "dog"], "keep_difficult": True}, "d")
     assert len(kept.train[0][1]["boxes"]) == 2
     with pytest.raises(PadkdError, match="unknown class 'dog'"):
-        DATASETS.build("voc", {"root": str(root), "classes": ["cat"]}, "d")
+        DATASETS.create("voc", {"root": str(root), "classes": ["cat"]}, "d")
     (root / "Annotations" / "000007.xml").write_text("<annotation><size>")
     with pytest.raises(PadkdError, match="not valid XML"):
-        DATASETS.build("voc", {"root": str(root), "classes": ["cat", "dog"]}, "d")
+        DATASETS.create("voc", {"root": str(root), "classes": ["cat", "dog"]}, "d")
 
 
 # ------------------------------------------------------------------------------------------ COCO mAP
@@ -472,7 +472,7 @@ def test_detector_taps_and_task_calls() -> None:
     from padkd.taps import Taps
 
     torch.manual_seed(5)
-    model = MODELS.build("fasterrcnn", TINY, "m", num_classes=3)
+    model = MODELS.create("fasterrcnn", TINY, "m", num_classes=3)
     task = Detection()
     images = [torch.rand(3, 32, 32), torch.rand(3, 24, 32)]
     targets = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 30.0]]), "labels": torch.tensor([1])},
@@ -497,7 +497,7 @@ def test_detector_taps_and_task_calls() -> None:
     rows = task.record_columns(detections, None, batch)
     assert rows["gt_boxes"].tolist() == [1.0, 0.0] and math.isnan(rows["recall50"][1])
     # the teacher runs its backbone on the student's transformed batch: FPN maps of the same sizes
-    teacher = MODELS.build("fasterrcnn", {**TINY, "fpn_channels": 16}, "t", num_classes=3).eval()
+    teacher = MODELS.create("fasterrcnn", {**TINY, "fpn_channels": 16}, "t", num_classes=3).eval()
     with torch.no_grad():
         t_fpn = task.teacher_forward(teacher, batch, values)
     assert [v.shape[-2:] for v in t_fpn.values()] == [v.shape[-2:] for v in values["fpn"].values()]
@@ -509,8 +509,8 @@ def test_roi_kd_on_the_students_proposals_classified_by_both_heads() -> None:
     from padkd.taps import Taps
 
     torch.manual_seed(6)
-    student = MODELS.build("fasterrcnn", TINY, "s", num_classes=3)
-    teacher = MODELS.build("fasterrcnn", {**TINY, "fpn_channels": 16}, "t", num_classes=3).eval()
+    student = MODELS.create("fasterrcnn", TINY, "s", num_classes=3)
+    teacher = MODELS.create("fasterrcnn", {**TINY, "fpn_channels": 16}, "t", num_classes=3).eval()
     task = Detection(teacher_heads=True)
     assert task.student_taps == {"transform", "rois"}
     images = [torch.rand(3, 32, 32), torch.rand(3, 32, 24)]
@@ -529,7 +529,7 @@ def test_roi_kd_on_the_students_proposals_classified_by_both_heads() -> None:
     s, t = sv["box_scores"], tv["box_scores"]
     counts = [len(r) for r in sv["rois"]]
     assert s["mask"].sum(1).tolist() == counts == t["mask"].sum(1).tolist()
-    d = METHODS.build("roi_kd", {"temperature": 2.0}, "m")(s, t, batch)
+    d = METHODS.create("roi_kd", {"temperature": 2.0}, "m")(s, t, batch)
     for i, n in enumerate(counts):
         for j in range(n):
             p_t = torch.softmax(t["logits"][i, j] / 2, 0)
@@ -565,7 +565,7 @@ def test_pretrained_backbone_freezes_early_stages_and_stages_respect_it(tmp_path
 
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
-    model = MODELS.build("fasterrcnn", {"backbone": "resnet18", "backbone_weights_path": str(path)}, "m",
+    model = MODELS.create("fasterrcnn", {"backbone": "resnet18", "backbone_weights_path": str(path)}, "m",
                          num_classes=3)
     source = torch.load(path)
     torch.testing.assert_close(model.backbone.body.layer2[0].conv1.weight, source["layer2.0.conv1.weight"])
@@ -578,7 +578,7 @@ def test_pretrained_backbone_freezes_early_stages_and_stages_respect_it(tmp_path
     assert id(named["backbone.body.layer2.0.conv1.weight"]) in trained
     assert all(id(named[name]) not in trained and not named[name].requires_grad for name in frozen)
     with pytest.raises(PadkdError, match="backbone_weights_path"):
-        MODELS.build("fasterrcnn", {"backbone": "resnet50", "backbone_weights_path": str(path)}, "m", num_classes=3)
+        MODELS.create("fasterrcnn", {"backbone": "resnet50", "backbone_weights_path": str(path)}, "m", num_classes=3)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -637,7 +637,7 @@ def test_torchvision_detection_checkpoints_load_by_key(tmp_path: Path, name: str
     state = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "coco.pth"
     torch.save(state, path)
-    model = MODELS.build(name, {**options, "weights_path": str(path)}, "m", num_classes=91)
+    model = MODELS.create(name, {**options, "weights_path": str(path)}, "m", num_classes=91)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert len(model.state_dict()) == len(state)

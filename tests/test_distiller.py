@@ -15,7 +15,7 @@ from padkd.errors import PadkdError
 from padkd.methods import KD, FitNet, Hint
 from padkd.taps import Taps, default_embedding
 from padkd.tasks import Classification
-from padkd.weighting import PAD, WEIGHTINGS
+from padkd.weightings import PAD, WEIGHTINGS
 
 B, IN, CLASSES = 16, 10, 4
 
@@ -80,7 +80,7 @@ def mlp_distiller(**kw) -> Distiller:
         teacher.bn.running_var.uniform_(0.5, 2)
     terms = [
         Term("kd", KD(), student="output", teacher="output"),
-        Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in"),
+        Term("hint", Hint(), WEIGHTINGS.create("pad"), student="fc:in", teacher="fc:in"),
     ]
     return Distiller(student, teacher, terms=terms, task=CLS, **kw)
 
@@ -173,7 +173,7 @@ def test_teacher_train_bn_cnn_running_stats_unchanged():
     teacher, student = TinyCNN(6), TinyCNN(4)
     dist = Distiller(
         student, teacher,
-        terms=[Term("fit", FitNet(), WEIGHTINGS.build("pad", {"mode": "per_sample"}),
+        terms=[Term("fit", FitNet(), WEIGHTINGS.create("pad", {"mode": "per_sample"}),
                     student="features.3", teacher="features.3")],
         teacher_train_bn=True,
     )
@@ -290,7 +290,7 @@ def test_prepare_initialises_pad_from_data_without_touching_student_bn():
     assert dist.training  # restored
     assert_same_state(s_before, snapshot(dist.student))
     pad = dist.terms[1].weighting
-    assert pad._ready and int(pad.step) == 0
+    assert pad._ready and dist.clock.step == 0  # prepare runs in eval mode: no step counted
     # the bias is log of the mean hint discrepancy measured in eval mode
     with torch.no_grad():
         dist.eval()
@@ -456,7 +456,7 @@ def test_pad_trains_end_to_end():
     student = student_mlp(width=12)
     dist = Distiller(
         student, teacher,
-        terms=[Term("hint", Hint(), WEIGHTINGS.build("pad"), student="fc:in", teacher="fc:in")],
+        terms=[Term("hint", Hint(), WEIGHTINGS.create("pad"), student="fc:in", teacher="fc:in")],
         task=CLS,
     )
     g = torch.Generator().manual_seed(6)
@@ -478,7 +478,7 @@ def test_pad_trains_end_to_end():
         hint_d.append(out.records["hint"]["discrepancy"].mean().item())
     assert sum(totals[-5:]) / 5 < sum(totals[:5]) / 5 - 0.5
     assert hint_d[-1] < 0.5 * hint_d[0]  # the student really mimics the teacher's features
-    assert int(dist.terms[0].weighting.step) == 50
+    assert dist.clock.step == 50  # one step per training forward without a trainer
 
 
 def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
@@ -487,8 +487,8 @@ def test_uniform_and_pad_give_same_records_shape_on_cnn_kd():
     dist = Distiller(
         student, teacher,
         terms=[
-            Term("kd", KD(2.0), WEIGHTINGS.build("focal")),
-            Term("kd_pad", KD(2.0), WEIGHTINGS.build("pad", {"mode": "per_sample"})),
+            Term("kd", KD(2.0), WEIGHTINGS.create("focal")),
+            Term("kd_pad", KD(2.0), WEIGHTINGS.create("pad", {"mode": "per_sample"})),
         ],
         task=CLS,
     )
@@ -567,16 +567,33 @@ def test_unweighted_part_is_added_after_the_weighting_and_ramp_scales_the_term()
     torch.manual_seed(9)
     b = mlp_batch()
     dist = Distiller(student_mlp(), teacher_mlp(),
-                     terms=[Term("s", SignedMethod(), WEIGHTINGS.build("ohem", {"fraction": 0.5}),
-                                 student="fc:in", teacher="fc:in", weight=2.0, warmup_epochs=4)])
+                     terms=[Term("s", SignedMethod(), WEIGHTINGS.create("ohem", {"fraction": 0.5}),
+                                 student="fc:in", teacher="fc:in", weight=2.0, warmup_epochs=1.5)],
+                     steps_per_epoch=2)  # a ramp over 1.5 epochs of 2 optimizer steps: N = 3
     dist.prepare(b)
     dist.train()
-    plain = dist(b)
+    plain = dist(b, step=10**6)
     d = plain.records["s"]["discrepancy"]
     top = d.topk(B // 2).values
     torch.testing.assert_close(plain.losses["s"], 2.0 * (top.sum() / B * 2 - 0.25))  # OHEM weights 2 on half
-    for epoch, factor in ((0, 0.25), (1, 0.5), (3, 1.0), (9, 1.0)):
-        torch.testing.assert_close(dist(b, epoch=epoch).losses["s"], factor * plain.losses["s"])
+    for step, factor in ((0, 0.25), (1, 0.5), (3, 1.0), (9, 1.0)):
+        torch.testing.assert_close(dist(b, step=step).losses["s"], factor * plain.losses["s"])
+
+
+def test_without_a_step_each_training_forward_counts_one_and_eval_counts_none():
+    b = mlp_batch()
+    dist = Distiller(student_mlp(), teacher_mlp(), terms=[Term("h", Hint(), student="fc:in", teacher="fc:in",
+                                                               warmup_steps=2)])
+    dist.prepare(b)
+    dist.train()
+    full = dist(b, step=5).losses["h"]
+    dist.clock.step = 0
+    ramped = [dist(b).losses["h"] for _ in range(3)]
+    for k, loss in enumerate(ramped):
+        torch.testing.assert_close(loss, full * (min(k, 2) + 1) / 3)
+    dist.eval()
+    dist(b)
+    assert dist.clock.step == 3
 
 
 class FrozenPart(Hint):

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from padkd import checkpoint as ckpt
 from padkd.config import SchedulerConfig, dump_config, parse_config
 from padkd.data.samplers import EpochSampler, ShardSampler
-from padkd.engine import checkpoint as ckpt
 from padkd.engine.logging import read_metrics
 from padkd.engine.stage import lr_factor
 from padkd.engine.trainer import Interrupted, Trainer
@@ -644,16 +644,16 @@ def test_stage2_starts_from_the_stage1_connector_unless_carry_is_off(tmp_path: P
 
 
 def test_term_lr_scale_gives_the_term_its_own_parameter_group(tmp_path: Path, distill_config) -> None:
-    from padkd.build import build_data, build_distiller, build_model, build_task
+    from padkd.assemble import make_data, make_distiller, make_model, make_task
     from padkd.engine.stage import StageRun
 
     raw = distill_config(tmp_path / "run")
     raw["stages"][1]["terms"][0]["lr_scale"] = 10.0
     cfg = parse_config(raw)
-    data, task = build_data(cfg), build_task(cfg.task)
-    student, teacher = build_model(cfg.student, data, task, "student"), build_model(cfg.teacher, data, task, "teacher")
+    data, task = make_data(cfg), make_task(cfg.task)
+    student, teacher = make_model(cfg.student, data, task, "student"), make_model(cfg.teacher, data, task, "teacher")
     stage = cfg.stages[1]
-    distiller = build_distiller(cfg, stage, student, teacher, task, "stages[1]")
+    distiller = make_distiller(cfg, stage, student, teacher, task, "stages[1]")
     distiller.prepare(task.collate([data.train[i] for i in range(8)]), data.info())
     optimizer = StageRun(stage, distiller, cfg.engine, torch.device("cpu"), world=1).optimizer
     # the student, then the term's method (its connector) and its weighting (PAD's head), each at 10x
@@ -676,7 +676,7 @@ def _stage_run(accumulate: int = 1, clip: float | None = None, precision: str = 
     from padkd.tasks import Classification
 
     torch.manual_seed(0)
-    student = MODELS.build("mlp", {"hidden": [16]}, in_channels=1, num_classes=10)
+    student = MODELS.create("mlp", {"hidden": [16]}, in_channels=1, num_classes=10)
     stage = StageConfig.model_validate({"epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1, "momentum": momentum,
                                                                    "weight_decay": 0.0}})
     engine = EngineConfig(accumulate=accumulate, clip_grad_norm=clip, precision=precision)
@@ -695,24 +695,49 @@ def _digits_batch(n: int = 64) -> Any:
 def test_gradient_accumulation_equals_the_large_batch_step() -> None:
     batch = _digits_batch()
     whole, student_a = _stage_run()
-    whole.step(batch, 0)
+    whole.step(batch)
     halves, student_b = _stage_run(accumulate=2)
     first, second = (batch.replace(inputs=batch.inputs[s], targets=batch.targets[s], index=batch.index[s])
                      for s in (slice(0, 32), slice(32, 64)))
-    halves.step(first, 0)
+    halves.step(first)
     assert halves.pending == 1 and all(p.grad is not None for p in student_b.parameters())
-    halves.step(second, 0)
+    halves.step(second)
     assert halves.pending == 0
     for (name, a), b in zip(student_a.state_dict().items(), student_b.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_term_ramps_count_optimizer_steps_under_accumulation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            distill_config) -> None:
+    """With accumulate: 2 a PAD term's 5-step warm-up ends after 5 optimizer steps (10 micro-batches); the
+    stage's step count is saved in last.pt, so a resumed run's clock continues where it stopped."""
+    from padkd.distiller import Distiller
+
+    seen: list[tuple[int, int | None]] = []
+    forward = Distiller.forward
+
+    def spy(self: Distiller, batch: Any, step: int | None = None) -> Any:
+        if self.training and self.terms:
+            seen.append((self._ramps["hint"], step))
+        return forward(self, batch, step)
+
+    monkeypatch.setattr(Distiller, "forward", spy)
+    raw = distill_config(tmp_path / "run", stage1_epochs=1, stage2_epochs=1)
+    raw["engine"] = {"accumulate": 2}
+    raw["stages"][1]["terms"][0]["weighting"]["warmup_steps"] = 5
+    run(raw)
+    assert [ramp for ramp, _ in seen] == [0] * STEPS_PER_EPOCH + [5] * STEPS_PER_EPOCH  # L2 stage: no ramp
+    stage2 = [step for _, step in seen[STEPS_PER_EPOCH:]]
+    assert stage2 == [k // 2 for k in range(STEPS_PER_EPOCH)]  # two micro-batches share each optimizer step
+    assert last_checkpoint(tmp_path / "run")["stage_steps"] == STEPS_PER_EPOCH // 2
+
+
 def test_flush_steps_on_a_partial_group_at_its_mean_gradient() -> None:
     batch = _digits_batch(32)
     full, student_a = _stage_run()
-    full.step(batch, 0)
+    full.step(batch)
     partial, student_b = _stage_run(accumulate=4)
-    partial.step(batch, 0)
+    partial.step(batch)
     assert partial.flush() and not partial.flush()
     for a, b in zip(student_a.parameters(), student_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -722,7 +747,7 @@ def test_gradient_clipping_bounds_the_update() -> None:
     batch = _digits_batch()
     run, student = _stage_run(clip=1e-3)
     before = torch.cat([p.detach().flatten().clone() for p in student.parameters()])
-    run.step(batch, 0)
+    run.step(batch)
     after = torch.cat([p.detach().flatten() for p in student.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)  # lr × clip (plain SGD)
 
@@ -730,7 +755,7 @@ def test_gradient_clipping_bounds_the_update() -> None:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_step_keeps_fp32_weights_and_losses(precision: str) -> None:
     run, student = _stage_run(precision=precision)
-    losses = run.step(_digits_batch(), 0)
+    losses = run.step(_digits_batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     assert all(p.dtype == torch.float32 for p in student.parameters())
     assert run.scaler.is_enabled() == (precision == "fp16")

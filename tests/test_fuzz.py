@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from padkd.cli import main
-from padkd.config import load_config, parse_config, set_override
+from padkd.config import set_override
 from padkd.errors import PadkdError
+from padkd.validate import load_checked, parse_checked
 
 VALID: dict[str, Any] = {
     "output_dir": "runs/x", "data": {"name": "digits", "batch_size": 64},
@@ -48,7 +49,7 @@ def _accepted_or_one_line(call: Any) -> None:
 @FUZZ
 @given(doc=documents)
 def test_any_document_is_accepted_or_refused_in_one_line(doc: Any) -> None:
-    _accepted_or_one_line(lambda: parse_config(doc))
+    _accepted_or_one_line(lambda: parse_checked(doc))
 
 
 @FUZZ
@@ -58,7 +59,7 @@ def test_any_override_is_accepted_or_refused_in_one_line(key: str, value: str) -
 
     def apply() -> None:
         set_override(raw, f"{key}={value}")
-        parse_config(raw)
+        parse_checked(raw)
 
     _accepted_or_one_line(apply)
 
@@ -68,7 +69,7 @@ def test_any_override_is_accepted_or_refused_in_one_line(key: str, value: str) -
 def test_any_file_text_is_accepted_or_refused_in_one_line(tmp_path: Path, text: str) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    _accepted_or_one_line(lambda: load_config(path))
+    _accepted_or_one_line(lambda: load_checked(path))
 
 
 @pytest.mark.parametrize("argv", [["train", "missing.yaml"], ["train", "fuzz.yaml", "seed"], ["eval", "nowhere"],

@@ -11,7 +11,7 @@ from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo
 from padkd.discrepancy import Discrepancy
 from padkd.methods import KD, METHODS, FitNet, Hint
-from padkd.weighting import WEIGHTINGS
+from padkd.weightings import WEIGHTINGS
 
 B = 6
 
@@ -29,7 +29,7 @@ def ctx(student: torch.Tensor, teacher: torch.Tensor) -> BuildContext:
 
 def test_registry_has_methods():
     assert {"kd", "hint", "fitnet"} <= set(METHODS.names())
-    kd = METHODS.build("kd", {"temperature": 2})
+    kd = METHODS.create("kd", {"temperature": 2})
     assert isinstance(kd, KD) and kd.temperature == 2.0
 
 
@@ -53,7 +53,7 @@ def test_kd_per_sample_is_scaled_kl(T):
 def test_kd_uniform_weighting_equals_batchmean():
     torch.manual_seed(1)
     s, t = torch.randn(B, 7), torch.randn(B, 7)
-    loss = WEIGHTINGS.build("uniform", {})(KD(4.0)(s, t, batch())).loss
+    loss = WEIGHTINGS.create("uniform", {})(KD(4.0)(s, t, batch())).loss
     ref = F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean") * 16
     torch.testing.assert_close(loss, ref)
 

@@ -19,7 +19,7 @@ from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo
 from padkd.errors import PadkdError
 from padkd.methods import CRD, METHODS
-from padkd.weighting import Uniform
+from padkd.weightings import Uniform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def built(targets: Tensor | None, n_train: int | None = None, s_dim: int = 12, t_dim: int = 20,
           **options: Any) -> CRD:
     """A CRD built for a training set with labels `targets` (or `n_train` unlabelled samples)."""
-    method = METHODS.build("crd", options, "method crd")
+    method = METHODS.create("crd", options, "method crd")
     n = len(targets) if targets is not None else n_train
     assert n is not None
     ctx = BuildContext(student=torch.zeros(2, s_dim), teacher=torch.zeros(2, t_dim),
@@ -318,7 +318,7 @@ def test_queue_memory_does_not_grow_with_the_data_set() -> None:
 
 def test_bad_options_say_how_to_fix_them() -> None:
     with pytest.raises(PadkdError, match="use mode 'exact' with memory 'queue'"):
-        METHODS.build("crd", {"mode": "relax", "memory": "queue"}, "method crd")
+        METHODS.create("crd", {"mode": "relax", "memory": "queue"}, "method crd")
     with pytest.raises(PadkdError, match="set mode: uniform"):
         built(None, n_train=10)
     with pytest.raises(PadkdError, match="same class"):

@@ -19,7 +19,7 @@ from padkd.discrepancy import Discrepancy
 from padkd.distiller import Distiller, Term, carry_state
 from padkd.errors import PadkdError
 from padkd.methods import AB, AT, FSP, FT, METHODS, NST, VID, Method
-from padkd.weighting import WEIGHTINGS
+from padkd.weightings import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 3
@@ -49,7 +49,7 @@ def _v(d: Tensor | Discrepancy) -> Tensor:
 def uniform(d: Tensor | Discrepancy) -> Tensor:
     """The uniform weighting's loss plus the method's unweighted part, as the Distiller adds them."""
     d = Discrepancy.of(d)
-    loss = WEIGHTINGS.build("uniform", {})(d).loss
+    loss = WEIGHTINGS.create("uniform", {})(d).loss
     return loss if d.unweighted is None else loss + d.unweighted
 
 
@@ -66,7 +66,7 @@ def max_pool_2x2(x: Tensor) -> Tensor:
 def test_registered_with_the_crd_benchmark_betas() -> None:
     expected = {"at": 1000.0, "nst": 50.0, "ab": 1.0, "ft": 200.0, "fsp": 50.0, "vid": 1.0}
     for name, beta in expected.items():
-        cls = type(METHODS.build(name, {}, name))
+        cls = type(METHODS.create(name, {}, name))
         assert cls.default_weight == beta and cls.reference and cls.__doc__
     assert VID.signed and not any(c.signed for c in (AT, NST, AB, FT, FSP))
 
@@ -335,7 +335,7 @@ def test_ft_needs_one_map_per_side() -> None:
     with pytest.raises(ValueError, match="one feature map"):
         built(FT(), [s, s], t)
     with pytest.raises(PadkdError, match="mode"):
-        METHODS.build("ft", {"mode": "init"}, "ft")
+        METHODS.create("ft", {"mode": "init"}, "ft")
 
 
 # ------------------------------------------------------------------------------------------- FSP

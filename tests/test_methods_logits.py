@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from padkd.batch import Batch
-from padkd.config import load_config, parse_config
+from padkd.config import load_config
+from padkd.context import StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.distiller import Term
 from padkd.errors import PadkdError
 from padkd.methods import DIST, DKD, KD, METHODS
-from padkd.weighting import WEIGHTINGS
+from padkd.validate import parse_checked
+from padkd.weightings import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def test_dkd_uniform_loss_is_the_authors_batch_loss() -> None:
     parts = [dkd_parts(S[i].tolist(), T[i].tolist(), int(Y[i]), temp) for i in range(3)]
     # mdistiller: KL(sum) / B for each part, then alpha * TCKD + beta * NCKD.
     expected = alpha * sum(p[0] for p in parts) / 3 + beta * sum(p[1] for p in parts) / 3
-    loss = WEIGHTINGS.build("uniform", {})(d).loss
+    loss = WEIGHTINGS.create("uniform", {})(d).loss
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
@@ -89,15 +91,19 @@ def test_dkd_is_zero_when_the_student_matches_and_stable_for_confident_teachers(
     assert torch.isfinite(d).all() and torch.isfinite(s.grad).all()
 
 
-def test_dkd_warmup_ramps_the_term_through_term_ramp() -> None:
-    term = Term("dkd", DKD())
-    assert [term.ramp(e) for e in (0, 9, 19, 40)] == pytest.approx([1 / 20, 10 / 20, 1.0, 1.0])
-    assert Term("dkd", METHODS.build("dkd", {"warmup_epochs": 4})).ramp(0) == pytest.approx(0.25)
-    assert Term("dkd", DKD(), warmup_epochs=0).ramp(0) == 1.0  # a term's own setting wins
+def test_dkd_warmup_ramps_the_term_through_the_term_ramp() -> None:
+    """DKD's published 20-epoch warm-up is the term's ramp, in optimizer steps of the stage's epochs."""
+    clock = StageClock(steps_per_epoch=10)
+    assert Term("dkd", DKD()).ramp_steps(clock) == 200
+    assert Term("dkd", METHODS.create("dkd", {"warmup_epochs": 4})).ramp_steps(clock) == 40
+    assert Term("dkd", DKD(), warmup_epochs=0).ramp_steps(clock) == 0  # a term's own setting wins
+    assert Term("dkd", DKD(), warmup_steps=7).ramp_steps(clock) == 7
+    with pytest.raises(ValueError, match="epoch length is unknown"):
+        Term("dkd", DKD()).ramp_steps(StageClock())
 
 
 def test_dkd_defaults_and_target_check() -> None:
-    dkd = METHODS.build("dkd", {})
+    dkd = METHODS.create("dkd", {})
     assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs, dkd.default_weight) == (1.0, 8.0, 4.0, 20.0, 1.0)
     with pytest.raises(ValueError, match="class-index targets"):
         dkd(S, T, batch(targets=None))
@@ -124,15 +130,15 @@ def test_dist_inter_part_per_sample_and_the_authors_loss() -> None:
     full = DIST(beta=1.5, gamma=0.5, tau=4.0)(S, T, batch())
     assert full.value.shape == (3, 2) and full.sum_elements
     np.testing.assert_allclose(full.reduce_elements().numpy(), 1.5 * np.array(inter) + 0.5 * intra, rtol=1e-4)
-    loss = WEIGHTINGS.build("uniform", {})(full).loss
+    loss = WEIGHTINGS.create("uniform", {})(full).loss
     # The authors' batch loss: beta * tau² (1 - mean_i rho_i) + gamma * tau² (1 - mean_c rho_c).
     assert float(loss) == pytest.approx(1.5 * sum(inter) / 3 + 0.5 * intra, rel=1e-4)
 
 
 def test_dist_defaults_follow_the_authors_cifar_recipe() -> None:
-    dist = METHODS.build("dist", {})
+    dist = METHODS.create("dist", {})
     assert (dist.beta, dist.gamma, dist.tau, dist.intra, dist.default_weight) == (1.0, 1.0, 4.0, True, 2.0)
-    assert dist.unit == "batch" and METHODS.build("dist", {"intra": False}).unit == "sample"
+    assert dist.unit == "batch" and METHODS.create("dist", {"intra": False}).unit == "sample"
 
 
 def _config(method: dict, weighting: dict) -> dict:
@@ -144,10 +150,10 @@ def _config(method: dict, weighting: dict) -> dict:
 @pytest.mark.parametrize("weighting", ["pad", "ohem"])
 def test_dist_with_the_intra_part_is_refused_by_pad_and_ohem_at_config_check(weighting: str) -> None:
     with pytest.raises(PadkdError, match=r"^stages\[0\]\.terms\[0\]\.weighting: .*only weighting 'uniform'") as err:
-        parse_config(_config({"name": "dist"}, {"name": weighting}))
+        parse_checked(_config({"name": "dist"}, {"name": weighting}))
     assert "\n" not in str(err.value)
-    parse_config(_config({"name": "dist", "intra": False}, {"name": weighting}))
-    parse_config(_config({"name": "dist"}, {"name": "uniform"}))
+    parse_checked(_config({"name": "dist", "intra": False}, {"name": weighting}))
+    parse_checked(_config({"name": "dist"}, {"name": "uniform"}))
 
 
 def test_dist_intra_needs_two_samples() -> None:
@@ -160,7 +166,7 @@ def test_dist_pad_weights_the_per_sample_part() -> None:
     s = S.clone().requires_grad_(True)
     d = DIST(intra=False)(s, T, batch())
     emb = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
-    pad = WEIGHTINGS.build("pad", {}, "w")
+    pad = WEIGHTINGS.create("pad", {}, "w")
     pad.check(DIST(intra=False))
     pad.build(Discrepancy(d), emb)
     pad(d, emb).loss.backward()

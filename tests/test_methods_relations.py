@@ -15,7 +15,7 @@ from padkd.config import load_config
 from padkd.context import BuildContext, DataInfo
 from padkd.discrepancy import Discrepancy
 from padkd.methods import CC, METHODS, PKT, RKD, SP
-from padkd.weighting import WEIGHTINGS
+from padkd.weightings import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 4
@@ -37,7 +37,7 @@ def dot(a: list[float], b: list[float]) -> float:
 
 
 def uniform_loss(d: torch.Tensor | Discrepancy) -> float:
-    return float(WEIGHTINGS.build("uniform", {})(d).loss)
+    return float(WEIGHTINGS.create("uniform", {})(d).loss)
 
 
 # -------------------------------------------------------------------------------------------- SP
@@ -93,7 +93,7 @@ def test_cc_expansion_approaches_the_gaussian_kernel() -> None:
 
 
 def test_cc_builds_linear_embeddings_for_both_networks() -> None:
-    cc = METHODS.build("cc", {})
+    cc = METHODS.create("cc", {})
     assert (cc.gamma, cc.order, cc.embed, cc.default_weight) == (0.4, 2, 128, 0.02)
     ctx = BuildContext(student=FS, teacher=FT, batch=batch(), data=DataInfo(n_train=B), world_size=1,
                        student_model=nn.Linear(1, 1), teacher_model=nn.Linear(1, 1))
@@ -196,7 +196,7 @@ def test_pkt_rows_and_batch_loss() -> None:
 
 
 def test_elements_flags_and_default_weights() -> None:
-    flags = {name: METHODS.build(name, {}) for name in ("sp", "cc", "rkd", "pkt")}
+    flags = {name: METHODS.create(name, {}) for name in ("sp", "cc", "rkd", "pkt")}
     assert {n: m.elements for n, m in flags.items()} == {"sp": "exchangeable", "cc": "exchangeable",
                                                           "rkd": "fixed", "pkt": "fixed"}
     assert {n: m.default_weight for n, m in flags.items()} == {"sp": 3000.0, "cc": 0.02, "rkd": 1.0, "pkt": 30000.0}
@@ -207,7 +207,7 @@ def test_elements_flags_and_default_weights() -> None:
 def test_pad_per_sample_weights_the_rows(method: torch.nn.Module) -> None:
     fs = FS.clone().requires_grad_(True)
     emb = torch.randn(B, 7, generator=torch.Generator().manual_seed(1))
-    pad = WEIGHTINGS.build("pad", {"mode": "per_sample"}, "w")
+    pad = WEIGHTINGS.create("pad", {"mode": "per_sample"}, "w")
     pad.check(method)
     d = Discrepancy.of(method(fs, FT, batch()))
     pad.build(d, emb)
@@ -217,7 +217,7 @@ def test_pad_per_sample_weights_the_rows(method: torch.nn.Module) -> None:
     assert fs.grad is not None and fs.grad.abs().sum() > 0
     if method.elements == "exchangeable":
         with pytest.raises(ValueError, match="per_sample"):
-            WEIGHTINGS.build("pad", {}, "w").check(method)
+            WEIGHTINGS.create("pad", {}, "w").check(method)
 
 
 @pytest.mark.parametrize("name", ["sp", "cc", "rkd", "pkt"])

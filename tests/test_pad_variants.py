@@ -20,7 +20,7 @@ from padkd.errors import PadkdError
 from padkd.methods import METHODS
 from padkd.models import MODELS
 from padkd.tasks import TASKS
-from padkd.weighting import PAD
+from padkd.weightings import PAD, DimensionHead
 
 B, E = 8, 5
 
@@ -38,9 +38,9 @@ def test_per_dimension_formula_and_no_embedding():
     assert not pad.needs_embedding
     d = torch.rand(B, E) * 2
     out = pad(d)  # no embedding needed: the parameters are built from d's shape
-    assert pad.log_var_dims is not None and pad.log_var_dims.shape == (E,) and pad.head is None
+    assert isinstance(pad.head, DimensionHead) and pad.head.log_var.shape == (E,)
     with torch.no_grad():
-        pad.log_var_dims.copy_(torch.linspace(-1.0, 1.0, E))
+        pad.head.log_var.copy_(torch.linspace(-1.0, 1.0, E))
     v = torch.linspace(-1.0, 1.0, E)
     out = pad(d)
     expected = (d * torch.exp(-v)[None] + v[None]).mean()
@@ -56,19 +56,19 @@ def test_per_dimension_optimum_is_the_mean_discrepancy_of_each_dimension():
     d = torch.rand(B, E) + 0.1
     pad.build(Discrepancy(d), None)
     with torch.no_grad():
-        pad.log_var_dims.copy_(d.mean(0).log())  # σ²_e = mean_i d_ie
+        pad.head.log_var.copy_(d.mean(0).log())  # σ²_e = mean_i d_ie
     pad(d).loss.backward()
-    torch.testing.assert_close(pad.log_var_dims.grad, torch.zeros(E), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pad.head.log_var.grad, torch.zeros(E), atol=1e-6, rtol=0)
 
 
 def test_per_dimension_data_init_and_exchangeable_methods_refused():
     pad = PAD(mode="per_dimension", warmup_steps=0)
     d = torch.rand(B, E) + 0.5
     pad.build(Discrepancy(d), None)
-    torch.testing.assert_close(pad.log_var_dims.detach(), torch.full((E,), math.log(float(d.mean()) + 1e-6)))
+    torch.testing.assert_close(pad.head.log_var.detach(), torch.full((E,), math.log(float(d.mean()) + 1e-6)))
     with pytest.raises(ValueError, match="per_dimension"):
-        pad.check(METHODS.build("sp"))
-    assert PAD(4, mode="per_dimension").log_var_dims.shape == (4,)  # in_dim alone sizes the elements
+        pad.check(METHODS.create("sp"))
+    assert PAD(4, mode="per_dimension").head.log_var.shape == (4,)  # in_dim alone sizes the elements
 
 
 # ----------------------------------------------------------------------------------- preserve_scale
@@ -103,7 +103,7 @@ def test_preserve_scale_skips_masked_elements_in_the_mean_weight():
     mask[0, :2] = False
     pad.build(Discrepancy(d.detach(), mask), None)
     with torch.no_grad():
-        pad.log_var_dims.copy_(torch.linspace(-2.0, 1.0, E))
+        pad.head.log_var.copy_(torch.linspace(-2.0, 1.0, E))
     pad(Discrepancy(d, mask)).loss.backward()
     w = torch.exp(-torch.linspace(-2.0, 1.0, E))[None].expand(B, E)
     per_sample_mean_w = torch.where(mask, w, 0.0).sum(1) / mask.sum(1)
@@ -126,8 +126,8 @@ def test_head_lr_scale_multiplies_the_weighting_group_only():
     torch.manual_seed(4)
     student, teacher = mlp(6, 4), mlp(6, 7)
     pad = PAD(head_lr_scale=10.0)
-    dist = Distiller(student, teacher, [Term("h", METHODS.build("hint"), pad, student="3:in", teacher="3:in",
-                                            lr_scale=3.0)], task=TASKS.build("classification"))
+    dist = Distiller(student, teacher, [Term("h", METHODS.create("hint"), pad, student="3:in", teacher="3:in",
+                                            lr_scale=3.0)], task=TASKS.create("classification"))
     dist.prepare(mlp_batch())
     groups = {g["name"]: g for g in dist.param_groups()}
     assert groups["h"]["lr_scale"] == 3.0 and groups["h.weighting"]["lr_scale"] == 30.0
@@ -139,8 +139,8 @@ def connector_distiller(detach_input: bool) -> tuple[Distiller, PAD]:
     torch.manual_seed(5)
     student, teacher = mlp(6, 4), mlp(6, 7)
     pad = PAD(init="reference", log_var_floor=None, warmup_steps=0, detach_input=detach_input)
-    dist = Distiller(student, teacher, [Term("h", METHODS.build("hint"), pad, student="3:in", teacher="3:in",
-                                             embedding="connector")], task=TASKS.build("classification"))
+    dist = Distiller(student, teacher, [Term("h", METHODS.create("hint"), pad, student="3:in", teacher="3:in",
+                                             embedding="connector")], task=TASKS.create("classification"))
     dist.prepare(mlp_batch())
     return dist.train(), pad
 
@@ -175,8 +175,8 @@ def test_head_on_the_connector_output():
 
 def test_connector_embedding_needs_a_method_with_a_connector():
     torch.manual_seed(6)
-    dist = Distiller(mlp(6, 4), mlp(6, 7), [Term("kd", METHODS.build("kd"), PAD(), embedding="connector")],
-                     task=TASKS.build("classification"))
+    dist = Distiller(mlp(6, 4), mlp(6, 7), [Term("kd", METHODS.create("kd"), PAD(), embedding="connector")],
+                     task=TASKS.create("classification"))
     with pytest.raises(PadkdError, match="embedding 'connector'.*has none"):
         dist.prepare(mlp_batch())
 
@@ -186,12 +186,12 @@ def test_records_average_per_element_discrepancy_and_log_var_over_samples():
     torch.manual_seed(7)
     student, teacher = mlp(6, 4), mlp(6, 7)
     pad = PAD(init="reference", log_var_floor=None, warmup_steps=0)
-    dist = Distiller(student, teacher, [Term("h", METHODS.build("hint"), pad, student="3:in", teacher="3:in")],
-                     task=TASKS.build("classification"))
+    dist = Distiller(student, teacher, [Term("h", METHODS.create("hint"), pad, student="3:in", teacher="3:in")],
+                     task=TASKS.create("classification"))
     batches = [mlp_batch(), Batch(inputs=torch.randn(3, 1, 2, 3), targets=torch.zeros(3, dtype=torch.long),
                                   index=torch.arange(B, B + 3))]
     dist.prepare(batches[0])
-    table, elements = collect(dist, TASKS.build("classification"), batches)
+    table, elements = collect(dist, TASKS.create("classification"), batches)
     assert len(table["index"]) == B + 3 and set(elements) == {"h"}
     dist.eval()
     with torch.no_grad():
@@ -211,12 +211,12 @@ def feats(dist: Distiller, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------- corrupted data
 def test_digits_train_subset_and_corruption():
-    clean = DATASETS.build("digits", {}, "data")
-    sub = DATASETS.build("digits", {"train_subset": 100}, "data")
+    clean = DATASETS.create("digits", {}, "data")
+    sub = DATASETS.create("digits", {"train_subset": 100}, "data")
     assert len(sub.train) == 100
     torch.testing.assert_close(sub.test.images * sub.normalization[1][0] + sub.normalization[0][0],
                                clean.test.images * clean.normalization[1][0] + clean.normalization[0][0])
-    bad = DATASETS.build("digits", {"noise_fraction": 0.1, "label_noise": 0.2, "corrupt_seed": 3}, "data")
+    bad = DATASETS.create("digits", {"noise_fraction": 0.1, "label_noise": 0.2, "corrupt_seed": 3}, "data")
     n = len(clean.train)
     assert int(bad.train.noisy.sum()) == round(0.1 * n) and int(bad.train.flipped.sum()) == round(0.2 * n)
     assert not (bad.train.noisy & bad.train.flipped).any()
@@ -231,20 +231,20 @@ def test_digits_train_subset_and_corruption():
     mean, std = clean.normalization[0][0], clean.normalization[1][0]
     raw = bad.train.images[bad.train.noisy] * std + mean
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5 and abs(float(raw.mean()) - 0.5) < 0.05
-    again = DATASETS.build("digits", {"noise_fraction": 0.1, "label_noise": 0.2, "corrupt_seed": 3}, "data")
+    again = DATASETS.create("digits", {"noise_fraction": 0.1, "label_noise": 0.2, "corrupt_seed": 3}, "data")
     assert torch.equal(again.train.noisy, bad.train.noisy) and torch.equal(again.train.labels, bad.train.labels)
     with pytest.raises(PadkdError, match="noise_fraction"):
-        DATASETS.build("digits", {"noise_fraction": 0.6, "label_noise": 0.5}, "data")
+        DATASETS.create("digits", {"noise_fraction": 0.6, "label_noise": 0.5}, "data")
     with pytest.raises(PadkdError, match="train_subset"):
-        DATASETS.build("digits", {"train_subset": 0}, "data")
+        DATASETS.create("digits", {"train_subset": 0}, "data")
 
 
 def test_mnist_corruption_on_tiny_idx_files(tmp_path: Path):
     from test_data import write_mnist
 
     write_mnist(tmp_path)
-    clean = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
-    bad = DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 5, "noise_fraction": 0.2,
+    clean = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5}, "data")
+    bad = DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 5, "noise_fraction": 0.2,
                                    "label_noise": 0.2}, "data")
     assert int(bad.train.noisy.sum()) == 3 and int(bad.train.flipped.sum()) == 3  # round(0.2 * 15)
     torch.testing.assert_close(bad.val.images, clean.val.images)
@@ -255,7 +255,7 @@ def test_mnist_corruption_on_tiny_idx_files(tmp_path: Path):
 # ----------------------------------------------------------------------------------- the probe's LeNet
 def test_lenet_is_the_probe_network():
     torch.manual_seed(8)
-    net = MODELS.build("lenet", {"channels": [2, 4], "hidden": 16}, "model", in_channels=1, num_classes=10)
+    net = MODELS.create("lenet", {"channels": [2, 4], "hidden": 16}, "model", in_channels=1, num_classes=10)
     shapes = [tuple(p.shape) for p in net.parameters()]
     assert shapes == [(2, 1, 3, 3), (2,), (4, 2, 3, 3), (4,), (16, 196), (16,), (10, 16), (10,)]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())

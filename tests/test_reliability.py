@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from padkd.build import build_data, build_model, build_task
+from padkd import checkpoint as ckpt
+from padkd.assemble import make_data, make_model, make_task
 from padkd.cli import main
 from padkd.config import load_config, parse_config
-from padkd.engine import checkpoint as ckpt
 from padkd.engine import rundir
 from padkd.engine.logging import MetricsLog, read_metrics
 from padkd.engine.trainer import Trainer
 from padkd.errors import NonFiniteLossError, PadkdError
+from padkd.validate import parse_checked
 
 
 class SimulatedKill(BaseException):
@@ -209,7 +210,7 @@ def test_every_stage_is_checked_before_training_and_a_failed_start_is_reusable(t
     bad_pad = copy.deepcopy(raw)
     bad_pad["stages"][1]["terms"][0]["weighting"]["eps"] = 0
     with pytest.raises(PadkdError, match=r"stages\[1\]\.terms\[0\]\.weighting: PAD eps must be > 0"):
-        parse_config(bad_pad)
+        parse_checked(bad_pad)
     # A start that died after writing its config but before any checkpoint: the directory is reused.
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run/config.yaml").write_text("name: old\n")
@@ -373,14 +374,14 @@ def test_a_run_of_the_previous_checkpoint_format_serves_its_weights_but_is_not_r
     teacher.parent.mkdir(parents=True)
     torch.save(old, teacher)
     cfg = parse_config(plain_config(tmp_path / "x"))
-    model = build_model(cfg.student, build_data(cfg), build_task(cfg.task), "student")
+    model = make_model(cfg.student, make_data(cfg), make_task(cfg.task), "student")
     ckpt.load_model_weights(model, teacher.parents[1], cfg.student.model, "teacher")
     assert all(torch.equal(v, current["student"][k]) for k, v in model.state_dict().items())
     exported = tmp_path / "student.pt"
     assert main(["export", str(teacher.parents[1]), "-o", str(exported)]) == 0
     assert ckpt.load(exported)["kind"] == "export"
     capsys.readouterr()
-    with pytest.raises(PadkdError, match=r"written by another padkd version \(format 1, this is 2\)"):
+    with pytest.raises(PadkdError, match=r"written by another padkd version \(format 1, this is 3\)"):
         ckpt.load(teacher, kind="run")
 
 
@@ -433,7 +434,7 @@ def test_mnist_with_wrong_contents(tmp_path: Path, images: np.ndarray, labels: n
 
     _mnist(tmp_path, images, labels)
     with pytest.raises(PadkdError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
 
 
 def test_mnist_truncated_or_fake_gzip(tmp_path: Path) -> None:
@@ -443,10 +444,10 @@ def test_mnist_truncated_or_fake_gzip(tmp_path: Path) -> None:
     path = tmp_path / "MNIST/raw/train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(PadkdError, match="cannot be read"):
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
     path.write_bytes(b"not gzip at all")
     with pytest.raises(PadkdError, match="cannot be read"):
-        DATASETS.build("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
+        DATASETS.create("mnist", {"root": str(tmp_path), "val_size": 2}, "data")
 
 
 # ---------------------------------------------------------------- beyond the list

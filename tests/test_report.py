@@ -107,7 +107,7 @@ def write_records(path: Path, columns: dict[str, list[float]]) -> None:
 
 @pytest.fixture(scope="module")
 def test_labels() -> list[int]:
-    return [int(label) for _, label, _ in DATASETS.build("digits").test]
+    return [int(label) for _, label, _ in DATASETS.create("digits").test]
 
 
 def make_demo(root: Path, labels: list[int], dataset: str = "digits") -> dict[str, Any]:

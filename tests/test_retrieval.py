@@ -23,7 +23,7 @@ from padkd.models import MODELS
 from padkd.taps import Taps
 from padkd.tasks import TASKS
 from padkd.tasks.retrieval import clustering_nmi, nearest_neighbours, recall_at, retrieval_metrics
-from padkd.weighting import WEIGHTINGS
+from padkd.weightings import WEIGHTINGS
 
 # ---------------------------------------------------------------- Recall@K and NMI
 
@@ -81,7 +81,7 @@ def test_nmi_of_three_separated_clusters_against_the_labels() -> None:
 
 
 def test_the_evaluator_orders_samples_by_index_whatever_the_batch_order() -> None:
-    task = TASKS.build("retrieval", {"search": "torch"}, "task")
+    task = TASKS.create("retrieval", {"search": "torch"}, "task")
     x = torch.tensor([[0.0, 0], [0, 0], [1, 0], [1, 0]])
     labels = torch.tensor([0, 1, 1, 0])
     evaluator = task.evaluator()
@@ -103,7 +103,7 @@ def _unit(n: int, dim: int, seed: int) -> torch.Tensor:
 def test_batch_hard_triplet_loss_matches_its_formula() -> None:
     e = _unit(12, 5, 0).requires_grad_(True)
     y = torch.arange(4).repeat_interleave(3)
-    task = TASKS.build("retrieval", {"loss": "triplet_batch_hard", "margin": 0.3}, "task")
+    task = TASKS.create("retrieval", {"loss": "triplet_batch_hard", "margin": 0.3}, "task")
     loss = task.loss(e, Batch(inputs=e, targets=y, index=torch.arange(12)))
     d = torch.cdist(e.detach().double(), e.detach().double())
     same = y[:, None] == y[None, :]
@@ -119,7 +119,7 @@ def test_multi_similarity_loss_matches_its_formula() -> None:
     e = _unit(10, 4, 1)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
     alpha, beta, lam, eps = 2.0, 10.0, 0.5, 0.1
-    task = TASKS.build("retrieval", {"loss": "multi_similarity", "ms_alpha": alpha, "ms_beta": beta, "ms_base": lam,
+    task = TASKS.create("retrieval", {"loss": "multi_similarity", "ms_alpha": alpha, "ms_beta": beta, "ms_base": lam,
                                      "ms_epsilon": eps}, "task")
     loss = task.loss(e, Batch(inputs=e, targets=y, index=torch.arange(10)))
     s = (e @ e.T).double()
@@ -138,7 +138,7 @@ def test_distance_weighted_triplets_are_zero_when_classes_are_apart() -> None:
     # Two antipodal pairs of classes: every negative lies beyond the margin, so no triplet has a loss.
     e = torch.tensor([[1.0, 0], [1, 0], [-1, 0], [-1, 0]])
     y = torch.tensor([0, 0, 1, 1])
-    task = TASKS.build("retrieval", {}, "task")
+    task = TASKS.create("retrieval", {}, "task")
     torch.manual_seed(0)
     assert float(task.loss(e, Batch(inputs=e, targets=y, index=torch.arange(4)))) == 0.0
     close = _unit(12, 8, 2).requires_grad_(True)
@@ -150,9 +150,9 @@ def test_distance_weighted_triplets_are_zero_when_classes_are_apart() -> None:
 
 def test_task_options_are_checked() -> None:
     with pytest.raises(PadkdError, match="recall_at"):
-        TASKS.build("retrieval", {"recall_at": [2, 4]}, "task")
+        TASKS.create("retrieval", {"recall_at": [2, 4]}, "task")
     with pytest.raises(PadkdError, match="loss"):
-        TASKS.build("retrieval", {"loss": "contrastive"}, "task")
+        TASKS.create("retrieval", {"loss": "contrastive"}, "task")
 
 
 # ---------------------------------------------------------------- the P×K sampler
@@ -160,7 +160,7 @@ def test_task_options_are_checked() -> None:
 
 def _sampler(targets: torch.Tensor, batch_size: int = 12, seed: int = 0, rank: int = 0, world: int = 1,
              **options: object):
-    return SAMPLERS.build("m_per_class", {"samples_per_class": 3, **options}, "data.sampler", size=len(targets),
+    return SAMPLERS.create("m_per_class", {"samples_per_class": 3, **options}, "data.sampler", size=len(targets),
                           seed=seed, rank=rank, world=world, batch_size=batch_size, targets=targets)
 
 
@@ -245,7 +245,7 @@ def test_small_classes_are_filled_and_epochs_may_span_passes() -> None:
 def test_sampler_errors_are_one_line(options: dict, batch_size: int, targets: torch.Tensor | None,
                                      message: str) -> None:
     with pytest.raises(PadkdError, match=message) as err:
-        SAMPLERS.build("m_per_class", options, "data.sampler", size=72, seed=0, rank=0, world=1,
+        SAMPLERS.create("m_per_class", options, "data.sampler", size=72, seed=0, rank=0, world=1,
                        batch_size=batch_size, targets=targets)
     assert "\n" not in str(err.value)
 
@@ -282,7 +282,7 @@ def test_cub_reader(tmp_path: Path) -> None:
         _image(folder / "images" / name, i)
     folder.joinpath("images.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
     folder.joinpath("image_class_labels.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
-    data = DATASETS.build("cub200", {"root": str(tmp_path), **SMALL}, "data")
+    data = DATASETS.create("cub200", {"root": str(tmp_path), **SMALL}, "data")
     _check_splits(data, [0, 0, 99], [100, 199, 100])
     assert data.test.paths[0] == folder / "images" / "101.C/c1.jpg"
 
@@ -300,7 +300,7 @@ def test_cars_reader(tmp_path: Path) -> None:
     names = np.empty((1, 196), dtype=object)
     names[0, :] = [f"make model {k}" for k in range(196)]
     savemat(tmp_path / "cars_annos.mat", {"annotations": annotations, "class_names": names})
-    data = DATASETS.build("cars196", {"root": str(tmp_path), **SMALL}, "data")
+    data = DATASETS.create("cars196", {"root": str(tmp_path), **SMALL}, "data")
     _check_splits(data, [0, 97, 49], [98, 195])
     assert data.train.paths[1] == tmp_path / "car_ims/000002.jpg"
 
@@ -314,7 +314,7 @@ def test_sop_reader(tmp_path: Path) -> None:
         for row in rows:
             _image(folder / row[3], row[0])
         folder.joinpath(name).write_text(header + "".join(" ".join(map(str, r)) + "\n" for r in rows))
-    data = DATASETS.build("sop", {"root": str(folder), **SMALL}, "data")
+    data = DATASETS.create("sop", {"root": str(folder), **SMALL}, "data")
     _check_splits(data, [0, 0, 1], [11318, 11319])
 
 
@@ -322,12 +322,12 @@ def test_sop_reader(tmp_path: Path) -> None:
                                                 ("sop", "Ebay_train.txt")])
 def test_missing_files_are_one_line_errors(tmp_path: Path, name: str, missing: str) -> None:
     with pytest.raises(PadkdError, match=missing) as err:
-        DATASETS.build(name, {"root": str(tmp_path)}, "data")
+        DATASETS.create(name, {"root": str(tmp_path)}, "data")
     assert "\n" not in str(err.value)
 
 
 def test_digits_class_split() -> None:
-    data = DATASETS.build("digits_retrieval", {}, "data")
+    data = DATASETS.create("digits_retrieval", {}, "data")
     assert data.val is None
     assert set(data.train_targets.tolist()) == {0, 1, 2, 3, 4}
     assert set(data.test.labels.tolist()) == {5, 6, 7, 8, 9}
@@ -349,7 +349,7 @@ def test_mnist_class_split_on_idx_files(tmp_path: Path) -> None:
     (raw / "train-labels-idx1-ubyte").write_bytes(idx(train_labels))
     (raw / "t10k-images-idx3-ubyte").write_bytes(idx(np.full((10, 28, 28), 9)))
     (raw / "t10k-labels-idx1-ubyte").write_bytes(idx(test_labels))
-    data = DATASETS.build("mnist_retrieval", {"root": str(tmp_path), "test_subset": 3}, "data")
+    data = DATASETS.create("mnist_retrieval", {"root": str(tmp_path), "test_subset": 3}, "data")
     assert data.val is None and sorted(data.train_targets.tolist()) == sorted([0, 1, 2, 3, 4] * 2)
     assert data.test.labels.tolist() == [9, 8, 7]  # the first three test images of classes 5-9, in file order
     assert len(data.train) == 10 and data.in_channels == 1
@@ -359,7 +359,7 @@ def test_mnist_class_split_on_idx_files(tmp_path: Path) -> None:
 
 
 def test_cnn_embedding_is_unit_norm_with_named_taps() -> None:
-    model = MODELS.build("cnn_embedding", {"widths": [4, 8], "embedding_dim": 6}, "model", in_channels=1)
+    model = MODELS.create("cnn_embedding", {"widths": [4, 8], "embedding_dim": 6}, "model", in_channels=1)
     taps = Taps(model, {"pooled", "embedding", "stage2"}, "student")
     with taps.capture():
         out = model(torch.randn(3, 1, 8, 8))
@@ -375,13 +375,13 @@ def test_torchvision_embedding_loads_local_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    model = MODELS.build("torchvision_embedding", {"arch": "resnet18", "embedding_dim": 4,
+    model = MODELS.create("torchvision_embedding", {"arch": "resnet18", "embedding_dim": 4,
                                                    "weights_path": str(tmp_path / "resnet18.pth")}, "m", in_channels=3)
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
     assert model.embedding.in_features == 512 and model.padkd_taps["stage4"] == "backbone.layer4"
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     with pytest.raises(PadkdError, match="not found") as err:
-        MODELS.build("torchvision_embedding", {"arch": "resnet18", "weights_path": str(tmp_path / "no.pth")}, "m",
+        MODELS.create("torchvision_embedding", {"arch": "resnet18", "weights_path": str(tmp_path / "no.pth")}, "m",
                      in_channels=3)
     assert "\n" not in str(err.value)
 
@@ -392,12 +392,12 @@ def test_torchvision_embedding_loads_local_weights(tmp_path: Path) -> None:
 def test_similarity_rows_average_to_the_batch_loss() -> None:
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(7, 5, generator=g), torch.randn(7, 9, generator=g)
-    method = METHODS.build("similarity", {}, "method")
+    method = METHODS.create("similarity", {}, "method")
     d = Discrepancy.of(method(s, t, Batch(inputs=s, targets=torch.zeros(7), index=torch.arange(7))))
     expected = sum((F.cosine_similarity(s[i], s[j], dim=0) - F.cosine_similarity(t[i], t[j], dim=0)) ** 2
                    for i in range(7) for j in range(7) if i != j) / (7 * 6)
     assert float(d.reduce_elements().mean()) == pytest.approx(float(expected), rel=1e-5)
-    assert float(WEIGHTINGS.build("uniform", {}, "w")(d).loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(WEIGHTINGS.create("uniform", {}, "w")(d).loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 # ---------------------------------------------------------------- end to end
@@ -429,7 +429,7 @@ def test_train_and_distill_through_the_cli(tmp_path: Path, write_yaml) -> None: 
     with open(tmp_path / "student" / "records" / "0-main-test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     target = {int(r["index"]): int(r["target"]) for r in rows}
-    assert len(rows) == len(target) == len(DATASETS.build("digits_retrieval", {}, "data").test)
+    assert len(rows) == len(target) == len(DATASETS.create("digits_retrieval", {}, "data").test)
     for r in rows:  # the first neighbour is another sample, and `student_correct` says whether it shares the class
         assert int(r["student_nn1"]) != int(r["index"])
         assert int(r["student_correct"]) == int(target[int(r["student_nn1"])] == int(r["target"]))

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 
+from padkd import checkpoint as ckpt
 from padkd import plugins
 from padkd.cli import main
-from padkd.engine import checkpoint as ckpt
 from padkd.engine.records import read_csv
 from padkd.engine.trainer import Trainer
 
@@ -29,14 +29,14 @@ import torch
 from torch.nn import functional as F
 
 from padkd.data import DATASETS, DataSplits, TensorData
-from padkd.engine.distributed import all_reduce_sum
+from padkd.distributed import all_reduce_sum
 from padkd.tasks import TASKS, Evaluator, Task
 
 
 @DATASETS.register("digits_ink")
 def digits_ink():
     """scikit-learn digits with a regression target: each image's mean (normalised) intensity."""
-    base = DATASETS.build("digits", {}, "data")
+    base = DATASETS.create("digits", {}, "data")
 
     def ink(split):
         return TensorData(split.images, split.images.mean(dim=(1, 2, 3)))

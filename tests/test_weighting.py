@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
+from padkd.context import StageClock
 from padkd.discrepancy import Discrepancy
+from padkd.distiller import Term
 from padkd.errors import PadkdError
-from padkd.weighting import DEFAULT_LOG_VAR_FLOOR, PAD, WEIGHTINGS
+from padkd.methods import Hint
+from padkd.weightings import DEFAULT_LOG_VAR_FLOOR, PAD, WEIGHTINGS
 
 B, D, E = 8, 5, 3
 
@@ -256,27 +258,18 @@ def test_pad_eval_forward_does_not_initialise_built_head():
 
 
 @pytest.mark.parametrize("warmup", [1, 4])
-def test_pad_warmup_ramp(warmup):
+def test_pad_warmup_is_its_terms_ramp_in_optimizer_steps(warmup):
+    """PAD declares its warm-up; the term ramps it: (min(k, N) + 1) / (N + 1) at optimizer step k."""
     torch.manual_seed(11)
-    pad_w = PAD(D, E, init="reference", warmup_steps=warmup)
-    pad_0 = copy.deepcopy(pad_w)
-    pad_0.warmup_steps = 0
-    emb = torch.randn(B, D)
-    d = torch.rand(B, E) + 2.0  # loss clearly non-zero
+    pad = PAD(D, E, init="reference", warmup_steps=warmup)
+    term = Term("hint", Hint(), pad)
+    assert term.ramp_steps(StageClock()) == warmup
+    assert Term("hint", Hint(), pad, warmup_steps=0).ramp_steps(StageClock()) == 0  # the term's setting wins
+    full = pad(torch.rand(B, E) + 2.0, torch.randn(B, D)).loss  # loss clearly non-zero; PAD itself does not ramp
     for k in range(warmup + 3):
-        assert int(pad_w.step) == k
-        full = pad_0(d, emb).loss
-        warm = pad_w(d, emb).loss
-        factor = (min(k, warmup) + 1) / (warmup + 1)
-        torch.testing.assert_close(warm, full * factor)
-    # eval mode: the step does not advance
-    pad_w.eval()
-    before = int(pad_w.step)
-    pad_w(d, emb)
-    pad_w(d, emb)
-    assert int(pad_w.step) == before
-    # the step is saved in the state dict
-    assert int(pad_w.state_dict()["step"]) == before
+        expected = full * (min(k, warmup) + 1) / (warmup + 1)
+        torch.testing.assert_close(term.ramped(full, k, warmup), expected)
+    assert "step" not in pad.state_dict()  # the clock is the stage's, not the weighting's
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -364,13 +357,13 @@ FAMILY = ["uniform", "focal", "ohem", "softmax_hard", "softmax_easy", "polynomia
 
 
 def weights_of(name: str, d: torch.Tensor = D_KNOWN, **options) -> torch.Tensor:
-    return WEIGHTINGS.build(name, options)(d).weight
+    return WEIGHTINGS.create(name, options)(d).weight
 
 
 @pytest.mark.parametrize("name", FAMILY)
 def test_family_weights_mean_one_and_detached(name):
     d = D_KNOWN.clone().requires_grad_(True)
-    out = WEIGHTINGS.build(name, {})(d)
+    out = WEIGHTINGS.create(name, {})(d)
     w = out.weight
     assert w.shape == d.shape
     assert not w.requires_grad
@@ -386,8 +379,8 @@ def test_family_weights_mean_one_and_detached(name):
 def test_family_per_element_discrepancy_reduced_first(name):
     torch.manual_seed(18)
     d = torch.rand(B, E)
-    a = WEIGHTINGS.build(name, {})(d)
-    b = WEIGHTINGS.build(name, {})(d.mean(1))
+    a = WEIGHTINGS.create(name, {})(d)
+    b = WEIGHTINGS.create(name, {})(d.mean(1))
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.weight, b.weight)
 
@@ -395,7 +388,7 @@ def test_family_per_element_discrepancy_reduced_first(name):
 def test_uniform_loss_is_mean():
     torch.manual_seed(19)
     d = torch.rand(B, E)
-    out = WEIGHTINGS.build("uniform", {})(d)
+    out = WEIGHTINGS.create("uniform", {})(d)
     torch.testing.assert_close(out.loss, d.mean())
     torch.testing.assert_close(out.weight, torch.ones(B))
     assert out.columns == {}
@@ -471,13 +464,13 @@ def test_family_masked_sample_gets_zero_weight():
     mask = torch.ones(len(d), dtype=torch.bool)
     mask[D_KNOWN.argmax()] = False  # hide the hardest sample
     for name in FAMILY:
-        out = WEIGHTINGS.build(name, {})(Discrepancy(d, mask))
+        out = WEIGHTINGS.create(name, {})(Discrepancy(d, mask))
         w = out.weight
         assert w[~mask].eq(0).all(), name
         assert w[mask].mean().item() == pytest.approx(1.0, abs=1e-5), name
         torch.testing.assert_close(out.loss, (w * d)[mask].sum() / mask.sum(), msg=name)
     # ohem never selects the masked sample even though it holds the largest value
-    w = WEIGHTINGS.build("ohem", {"fraction": 0.25})(Discrepancy(d, mask)).weight
+    w = WEIGHTINGS.create("ohem", {"fraction": 0.25})(Discrepancy(d, mask)).weight
     assert set(torch.nonzero(w).flatten().tolist()) == {4, 3}
 
 
@@ -495,7 +488,7 @@ def test_family_masked_sample_gets_zero_weight():
 def test_family_invalid_options_raise(name, options):
     key = next(iter(options))
     with pytest.raises((ValueError, PadkdError), match=key):
-        WEIGHTINGS.build(name, options)
+        WEIGHTINGS.create(name, options)
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -507,39 +500,39 @@ def test_registry_names():
 
 def test_registry_unknown_name_did_you_mean():
     with pytest.raises(PadkdError, match="did you mean 'pad'") as err:
-        WEIGHTINGS.build("pda", {}, where="distill.terms[0].weighting")
+        WEIGHTINGS.create("pda", {}, where="distill.terms[0].weighting")
     assert "distill.terms[0].weighting" in str(err.value)
     assert "unknown weighting 'pda'" in str(err.value)
 
 
 def test_registry_unknown_name_lists_allowed():
     with pytest.raises(PadkdError, match="allowed: .*uniform"):
-        WEIGHTINGS.build("zzzzzzzz", {})
+        WEIGHTINGS.create("zzzzzzzz", {})
 
 
 def test_registry_unknown_option_suggests():
     with pytest.raises(PadkdError, match="gama: unknown option; did you mean 'gamma'"):
-        WEIGHTINGS.build("focal", {"gama": 2.0}, where="w")
+        WEIGHTINGS.create("focal", {"gama": 2.0}, where="w")
     with pytest.raises(PadkdError, match="unknown option; did you mean 'warmup_steps'"):
-        WEIGHTINGS.build("pad", {"warmup_step": 10})
+        WEIGHTINGS.create("pad", {"warmup_step": 10})
 
 
 def test_registry_wrong_type_names_key():
     with pytest.raises(PadkdError, match=r"w\.gamma"):
-        WEIGHTINGS.build("focal", {"gamma": "abc"}, where="w")
+        WEIGHTINGS.create("focal", {"gamma": "abc"}, where="w")
 
 
 def test_registry_coerces_types():
-    pad = WEIGHTINGS.build("pad", {"clamp": [-3, 3], "warmup_steps": 5, "mode": "per_sample"})
+    pad = WEIGHTINGS.create("pad", {"clamp": [-3, 3], "warmup_steps": 5, "mode": "per_sample"})
     assert pad.clamp == (-3.0, 3.0) and isinstance(pad.clamp, tuple)
     assert pad.warmup_steps == 5 and pad.mode == "per_sample"
     with pytest.raises(PadkdError, match="mode"):
-        WEIGHTINGS.build("pad", {"mode": "per_pixel"})
+        WEIGHTINGS.create("pad", {"mode": "per_pixel"})
 
 
 def test_registry_unknown_option_on_uniform():
     with pytest.raises(PadkdError, match="unknown option"):
-        WEIGHTINGS.build("uniform", {"gama": 1})
+        WEIGHTINGS.create("uniform", {"gama": 1})
 
 
 def test_parts_that_add_up_are_summed_by_every_weighting() -> None:
@@ -547,8 +540,8 @@ def test_parts_that_add_up_are_summed_by_every_weighting() -> None:
     uniform and hard mining alike; PAD sums the per-part NLL and starts σ² at the mean part value."""
     d = torch.tensor([[1.0, 3.0], [2.0, 6.0], [0.5, 0.5]])
     parts = Discrepancy(d, sum_elements=True)
-    assert WEIGHTINGS.build("uniform", {})(parts).loss.item() == pytest.approx((4 + 8 + 1) / 3)
-    ohem = WEIGHTINGS.build("ohem", {"fraction": 0.3})(parts)  # keeps the sample whose parts add to 8
+    assert WEIGHTINGS.create("uniform", {})(parts).loss.item() == pytest.approx((4 + 8 + 1) / 3)
+    ohem = WEIGHTINGS.create("ohem", {"fraction": 0.3})(parts)  # keeps the sample whose parts add to 8
     assert ohem.loss.item() == pytest.approx(8.0 * 3 / 3) and ohem.weight.tolist() == [0.0, 3.0, 0.0]
     pad = exact_pad(in_dim=2, out_dim=2)
     emb = torch.randn(3, 2)

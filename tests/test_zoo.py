@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from padkd import checkpoint as ckpt
 from padkd.cli import main
 from padkd.config import Component
-from padkd.engine import checkpoint as ckpt
 from padkd.errors import PadkdError
 from padkd.models import MODELS
 from padkd.models.cifar import ZOO
@@ -47,7 +47,7 @@ def one_thread() -> Any:
 
 
 def zoo_model(name: str, num_classes: int = 100) -> nn.Module:
-    return MODELS.build(name, {}, "model", in_channels=3, num_classes=num_classes)
+    return MODELS.create(name, {}, "model", in_channels=3, num_classes=num_classes)
 
 
 def n_params(model: nn.Module) -> int:
@@ -180,7 +180,7 @@ def shuffle_in_two(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(PARAMS)])
 def test_taps_shapes_forward_and_backward(name: str) -> None:
     torch.manual_seed(0)
-    model = MODELS.build(name, {}, "model", in_channels=3, num_classes=100)
+    model = MODELS.create(name, {}, "model", in_channels=3, num_classes=100)
     assert type(model.padkd_taps) is dict and set(model.padkd_taps) == set(expected_taps(name))
     taps = Taps(model, set(model.padkd_taps), "student")
     with taps.capture():
@@ -208,7 +208,7 @@ def test_taps_shapes_forward_and_backward(name: str) -> None:
 
 def test_wrn_preact_is_the_next_bn_of_the_stage_output() -> None:
     torch.manual_seed(0)
-    model = MODELS.build("wrn_16_1", {}, "model", in_channels=3, num_classes=10).eval()
+    model = MODELS.create("wrn_16_1", {}, "model", in_channels=3, num_classes=10).eval()
     with torch.no_grad():  # BN statistics that are not (0, 1), so the check is not the identity
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -228,18 +228,18 @@ def test_wrn_preact_is_the_next_bn_of_the_stage_output() -> None:
 
 
 def test_zoo_options_and_other_sizes() -> None:
-    model = MODELS.build("shufflenetv2", {"net_size": 0.5}, "model", in_channels=3, num_classes=10)
+    model = MODELS.create("shufflenetv2", {"net_size": 0.5}, "model", in_channels=3, num_classes=10)
     assert model.linear.in_features == 1024 and model.layer1[0].bn2.num_features == 24
     with pytest.raises(PadkdError, match=r"^student\.model: net_size must be one of"):
-        MODELS.build("shufflenetv2", {"net_size": 0.7}, "student.model", in_channels=3, num_classes=10)
+        MODELS.create("shufflenetv2", {"net_size": 0.7}, "student.model", in_channels=3, num_classes=10)
     with pytest.raises(PadkdError, match=r"^student\.model\.drop_rate: unknown option"):
-        MODELS.build("resnet20", {"drop_rate": 0.1}, "student.model", in_channels=3, num_classes=10)
-    wide = MODELS.build("wrn_16_2", {"drop_rate": 0.3}, "model", in_channels=1, num_classes=10)
+        MODELS.create("resnet20", {"drop_rate": 0.1}, "student.model", in_channels=3, num_classes=10)
+    wide = MODELS.create("wrn_16_2", {"drop_rate": 0.3}, "model", in_channels=1, num_classes=10)
     assert wide(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    assert n_params(MODELS.build("mobilenetv2", {"width_mult": 0.5}, "model", in_channels=3, num_classes=100)) \
+    assert n_params(MODELS.create("mobilenetv2", {"width_mult": 0.5}, "model", in_channels=3, num_classes=100)) \
         == PARAMS["mobilenetv2_half"]
     # global average pooling: other input sizes work (the references' fixed 8x8 pools are the same at 32x32)
-    small = MODELS.build("resnet8", {}, "model", in_channels=3, num_classes=10)
+    small = MODELS.create("resnet8", {}, "model", in_channels=3, num_classes=10)
     assert small(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
@@ -250,7 +250,7 @@ def test_zoo_options_and_other_sizes() -> None:
 def teacher() -> nn.Module:
     """A resnet8 for 10 classes with non-trivial BN statistics, as a trained teacher would have."""
     torch.manual_seed(1)
-    model = MODELS.build("resnet8", {}, "model", in_channels=3, num_classes=10)
+    model = MODELS.create("resnet8", {}, "model", in_channels=3, num_classes=10)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -273,7 +273,7 @@ def optimizer_state(model: nn.Module) -> dict[str, Any]:
 def layouts(teacher: nn.Module) -> dict[str, Any]:
     """What each code base writes for a trained CIFAR model (see the module docstring of padkd.models.convert)."""
     sd = teacher.state_dict()
-    other = MODELS.build("resnet20", {}, "model", in_channels=3, num_classes=10).state_dict()
+    other = MODELS.create("resnet20", {}, "model", in_channels=3, num_classes=10).state_dict()
     return {
         # torchdistill's published weights (torch.hub state dicts)
         "torchdistill_weights": sd,
@@ -308,7 +308,7 @@ def test_import_teacher_reads_every_layout(layout: str, teacher: nn.Module, tmp_
     assert "with 10 classes" in line and str(out) in line and "\n" not in line
     exported = ckpt.load(out)
     assert exported["kind"] == "export" and exported["model"] == {"name": "resnet8"}
-    fresh = MODELS.build("resnet8", {}, "teacher.model", in_channels=3, num_classes=10)
+    fresh = MODELS.create("resnet8", {}, "teacher.model", in_channels=3, num_classes=10)
     ckpt.load_model_weights(fresh, out, Component(name="resnet8"), "teacher")  # how `teacher:` loads it
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -334,7 +334,7 @@ def test_torchdistill_cifar_resnet_loads_into_the_zoo(tmp_path: Path) -> None:
     theirs = resnet.resnet20(num_classes=100).eval()
     torch.save(theirs.state_dict(), tmp_path / "cifar100-resnet20.pt")
     import_teacher(tmp_path / "cifar100-resnet20.pt", tmp_path / "t.pt", "resnet20")
-    ours = MODELS.build("resnet20", {}, "teacher.model", in_channels=3, num_classes=100)
+    ours = MODELS.create("resnet20", {}, "teacher.model", in_channels=3, num_classes=100)
     ckpt.load_model_weights(ours, tmp_path / "t.pt", Component(name="resnet20"), "teacher")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -360,7 +360,7 @@ def test_import_errors_are_one_line(teacher: nn.Module, tmp_path: Path) -> None:
                    "2 shape mismatches: fc.weight (10, 64) in the file vs (100, 64)", "pass --num-classes 10")
     one_line_error(lambda: import_teacher(source, out, "wrn_16_1"), "missing", "unexpected", "block1.layer.0.bn1.bias")
     bigger = tmp_path / "r14.pth"
-    torch.save(MODELS.build("resnet14", {}, "m", in_channels=3, num_classes=10).state_dict(), bigger)
+    torch.save(MODELS.create("resnet14", {}, "m", in_channels=3, num_classes=10).state_dict(), bigger)
     # resnet14 has a second block in each of the 3 stages: 2 convs and 2 BNs (5 entries each) = 12 keys a block
     one_line_error(lambda: import_teacher(bigger, out, "resnet8"), "unexpected 36 keys [layer1.1.bn1.bias")
     one_line_error(lambda: import_teacher(source, out, "resnet9"), "unknown model 'resnet9'; did you mean")
@@ -400,14 +400,14 @@ def test_import_teacher_command(teacher: nn.Module, tmp_path: Path, capsys: pyte
 
 
 def test_import_teacher_with_model_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = MODELS.build("shufflenetv2", {"net_size": 0.5}, "m", in_channels=3, num_classes=10)
+    model = MODELS.create("shufflenetv2", {"net_size": 0.5}, "m", in_channels=3, num_classes=10)
     torch.save({"model": model.state_dict()}, tmp_path / "s.pth")
     out = tmp_path / "s.pt"
     assert main(["import-teacher", str(tmp_path / "s.pth"), "--model", "shufflenetv2", "--option", "net_size=0.5",
                  "-o", str(out)]) == 0
     capsys.readouterr()
     assert ckpt.load(out)["model"] == {"name": "shufflenetv2", "net_size": 0.5}
-    again = MODELS.build("shufflenetv2", {"net_size": 0.5}, "teacher.model", in_channels=3, num_classes=10)
+    again = MODELS.create("shufflenetv2", {"net_size": 0.5}, "teacher.model", in_channels=3, num_classes=10)
     ckpt.load_model_weights(again, out, Component(name="shufflenetv2", net_size=0.5), "teacher")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
 
@@ -417,16 +417,16 @@ def test_import_teacher_with_model_options(tmp_path: Path, capsys: pytest.Captur
 
 def test_torchvision_weights_path(tmp_path: Path) -> None:
     torch.manual_seed(3)
-    source = MODELS.build("torchvision", {"arch": "resnet18"}, "m", in_channels=3, num_classes=10)
+    source = MODELS.create("torchvision", {"arch": "resnet18"}, "m", in_channels=3, num_classes=10)
     torch.save(source.state_dict(), tmp_path / "r18.pth")
-    loaded = MODELS.build("torchvision", {"arch": "resnet18", "weights_path": str(tmp_path / "r18.pth")},
+    loaded = MODELS.create("torchvision", {"arch": "resnet18", "weights_path": str(tmp_path / "r18.pth")},
                           "teacher.model", in_channels=3, num_classes=10)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values(),
                                                  strict=True))
-    one_line_error(lambda: MODELS.build("torchvision", {"arch": "resnet18", "weights_path": str(tmp_path / "r18.pth")},
+    one_line_error(lambda: MODELS.create("torchvision", {"arch": "resnet18", "weights_path": str(tmp_path / "r18.pth")},
                                         "teacher.model", in_channels=3, num_classes=100),
                    "weights_path of torchvision resnet18", "fc.weight (10, 512) in the file vs (100, 512)")
-    one_line_error(lambda: MODELS.build("torchvision", {"arch": "resnet18", "weights": "IMAGENET1K_V1",
+    one_line_error(lambda: MODELS.create("torchvision", {"arch": "resnet18", "weights": "IMAGENET1K_V1",
                                                         "weights_path": "x.pth"}, "m", in_channels=3, num_classes=10),
                    "not both")
 
@@ -434,18 +434,18 @@ def test_torchvision_weights_path(tmp_path: Path) -> None:
 def test_timm_by_name_with_weights_path(tmp_path: Path) -> None:
     pytest.importorskip("timm")
     torch.manual_seed(4)
-    model = MODELS.build("timm", {"arch": "test_resnet"}, "student.model", in_channels=1, num_classes=7)
+    model = MODELS.create("timm", {"arch": "test_resnet"}, "student.model", in_channels=1, num_classes=7)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
     torch.save({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "t.pth.tar")
-    loaded = MODELS.build("timm", {"arch": "test_resnet", "weights_path": str(tmp_path / "t.pth.tar")},
+    loaded = MODELS.create("timm", {"arch": "test_resnet", "weights_path": str(tmp_path / "t.pth.tar")},
                           "student.model", in_channels=1, num_classes=7)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                  strict=True))
-    one_line_error(lambda: MODELS.build("timm", {"arch": "resnet1800"}, "m", in_channels=3, num_classes=7),
+    one_line_error(lambda: MODELS.create("timm", {"arch": "resnet1800"}, "m", in_channels=3, num_classes=7),
                    "unknown timm model 'resnet1800'; did you mean")
 
 
 def test_timm_missing_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
-    one_line_error(lambda: MODELS.build("timm", {"arch": "resnet18"}, "m", in_channels=3, num_classes=7),
+    one_line_error(lambda: MODELS.create("timm", {"arch": "resnet18"}, "m", in_channels=3, num_classes=7),
                    "timm is not installed", "pip install timm")

@@ -2,34 +2,41 @@
 
 The one idea: a distillation term is *what is matched* (a method returning per-sample
 discrepancies) times *how samples count* (a weighting reducing them: uniform, PAD, hard mining).
+The public names below are imported on first use, so `padkd --version` and config parsing do not
+load torch's model code.
 """
 
-from padkd.batch import Batch
-from padkd.context import BuildContext, DataInfo
-from padkd.discrepancy import Discrepancy
-from padkd.distiller import Distiller, DistillOutput, Term
-from padkd.methods import KD, METHODS, FitNet, Hint, Method
-from padkd.tasks import TASKS, Classification, Evaluator, Task
-from padkd.weighting import (
-    OHEM,
-    PAD,
-    WEIGHTINGS,
-    DiscardHardest,
-    Focal,
-    Polynomial,
-    SampleWeighting,
-    SoftmaxEasy,
-    SoftmaxHard,
-    Uniform,
-    WeightedLoss,
-    Weighting,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batch", "BuildContext", "DataInfo", "Task", "TASKS", "Evaluator", "Classification", "Discrepancy",
-    "DistillOutput", "Distiller", "Term", "Method", "METHODS", "KD", "Hint", "FitNet",
-    "Weighting", "WeightedLoss", "WEIGHTINGS", "PAD", "Uniform", "SampleWeighting", "Focal", "OHEM",
-    "SoftmaxHard", "SoftmaxEasy", "Polynomial", "DiscardHardest",
-]
+#: Public name → the module that defines it.
+_EXPORTS = {
+    "Batch": "padkd.batch",
+    "BuildContext": "padkd.context", "DataInfo": "padkd.context", "StageClock": "padkd.context",
+    "Discrepancy": "padkd.discrepancy",
+    "Distiller": "padkd.distiller", "DistillOutput": "padkd.distiller", "Term": "padkd.distiller",
+    "Method": "padkd.methods", "METHODS": "padkd.methods", "KD": "padkd.methods", "Hint": "padkd.methods",
+    "FitNet": "padkd.methods",
+    "Task": "padkd.tasks", "TASKS": "padkd.tasks", "Evaluator": "padkd.tasks", "Classification": "padkd.tasks",
+    **{name: "padkd.weightings" for name in (
+        "Weighting", "WeightedLoss", "WEIGHTINGS", "PAD", "Uniform", "SampleWeighting", "Focal", "OHEM",
+        "SoftmaxHard", "SoftmaxEasy", "Polynomial", "DiscardHardest")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'padkd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

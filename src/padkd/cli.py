@@ -41,19 +41,20 @@ def _run_config_for(path: Path) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from padkd.build import build_data, build_model, build_task, resolve_device
-    from padkd.config import ModelRef, load_config
-    from padkd.engine import checkpoint as ckpt
+    from padkd import checkpoint as ckpt
+    from padkd.assemble import make_data, make_model, make_task, resolve_device
+    from padkd.config import ModelRef
     from padkd.engine.evaluate import evaluate
     from padkd.engine.loaders import make_loader
+    from padkd.validate import load_checked
 
     path = Path(args.checkpoint)
-    cfg = load_config(args.config or _run_config_for(path), args.overrides)
+    cfg = load_checked(args.config or _run_config_for(path), args.overrides)
     ref = ModelRef(model=cfg.student.model, checkpoint=str(path))
-    data = build_data(cfg)
-    task = build_task(cfg.task)
+    data = make_data(cfg)
+    task = make_task(cfg.task)
     device = resolve_device(cfg.device)
-    model = build_model(ref, data, task, "student").to(device)
+    model = make_model(ref, data, task, "student").to(device)
     try:
         loader = make_loader(cfg, data, args.split, train=False, collate=task.collate, device=device)
     except ValueError as err:
@@ -64,7 +65,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from padkd.engine import checkpoint as ckpt
+    from padkd import checkpoint as ckpt
 
     source = ckpt.resolve(Path(args.checkpoint))
     state = ckpt.load(source)
@@ -74,9 +75,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if output.exists() and (output.resolve() == source.resolve() or _is_run_checkpoint(output)):
         raise PadkdError(f"-o '{output}' is a run's training checkpoint; exporting over it would destroy the run's "
                          "state: write the export elsewhere")
-    exported = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "export", "model": state["model"],
-                "student": state["student"]}
-    ckpt.atomic_save(exported, Path(args.output))
+    ckpt.save(output, "export", model=state["model"], student=state["student"])
     dropped = len(state.get("terms", {}))
     print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
           f"{dropped} distillation-only tensors such as PAD heads left out)")
@@ -84,7 +83,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _is_run_checkpoint(path: Path) -> bool:
-    from padkd.engine import checkpoint as ckpt
+    from padkd import checkpoint as ckpt
 
     try:
         return ckpt.load(path).get("kind") == "run"
@@ -122,7 +121,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from padkd.methods import METHODS
     from padkd.models import MODELS
     from padkd.tasks import TASKS
-    from padkd.weighting import WEIGHTINGS
+    from padkd.weightings import WEIGHTINGS
 
     registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS,
                 "tasks": TASKS, "samplers": SAMPLERS}[args.what]

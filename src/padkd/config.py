@@ -1,7 +1,9 @@
-"""YAML → typed, validated run configuration.
+"""YAML → typed run configuration: the pure schema (types, defaults, ranges), `extends` and overrides.
 
 Configs are read with `yaml.safe_load` (no tags, no imports) and name registered components only.
 Every error names the key path and the fix: `stages[0].optimizer.lrr: unknown key; did you mean 'lr'?`.
+This module imports no registry: whether the names and options exist is checked where objects are made
+(`padkd.validate.check_components`, run by the Trainer and the CLI), so parsing a YAML file loads no models.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from padkd.errors import PadkdError, did_you_mean
-from padkd.validate import check_components
 
 #: Limits on what is parsed, so a hostile or careless file fails fast with one line: its size, how deep
 #: it nests, and how many nodes it expands to once aliases are followed (a "billion laughs" bomb).
@@ -84,8 +85,17 @@ class TermConfig(Strict):
     #: trained at a small stage-2 LR for few steps barely leaves its initialisation (docs/pad.md).
     #: 0 freezes them for the stage (a paraphraser trained in an init stage).
     lr_scale: float = Field(1.0, ge=0)
-    #: Epochs over which the term's weight ramps up linearly; null: the method's default (DKD: 20).
+    #: Optimizer steps over which the term ramps in linearly (the one ramp every term uses); null: from
+    #: `warmup_epochs`, else the longer of the method's default (DKD: 20 epochs) and the weighting's (PAD: 100).
+    warmup_steps: int | None = Field(None, ge=0)
+    #: The same ramp given in epochs of the stage (converted to optimizer steps); give one of the two.
     warmup_epochs: float | None = Field(None, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _one_warmup(self) -> TermConfig:
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("give warmup_steps or warmup_epochs, not both")
+        return self
 
     def signature(self) -> str:
         """What must match for `carry`: the method's name and both taps (options may differ between
@@ -266,14 +276,13 @@ def short_repr(value: Any, limit: int = 80) -> str:
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
-    """Validate a plain dict (from YAML plus overrides) into a Config, then check every component."""
+    """Validate a plain dict (from YAML plus overrides) against the schema."""
     if not isinstance(raw, dict):
         raise PadkdError("config: the file must hold a YAML mapping of keys to values")
     try:
         cfg = Config.model_validate(raw)
     except pydantic.ValidationError as err:
         raise PadkdError(_format_error(err)) from None
-    check_components(cfg)
     return cfg
 
 
@@ -450,7 +459,8 @@ def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (and the files it extends), apply `key=value` overrides and validate the result."""
+    """Read a YAML config (and the files it extends), apply `key=value` overrides and validate the result
+    against the schema (not the registries: see `padkd.validate.load_checked`)."""
     raw = read_raw(path)
     for assignment in overrides or []:
         set_override(raw, assignment)

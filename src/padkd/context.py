@@ -6,7 +6,7 @@ a method may reuse a teacher head through `teacher_model`. Nothing here is train
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -27,6 +27,25 @@ class DataInfo:
     train_targets: Tensor | None = None
 
 
+@dataclass
+class StageClock:
+    """Where a stage stands, in optimizer steps: the one clock that every warm-up ramp and schedule reads
+    (the term ramps, CTKD's λ curriculum). `step` counts the optimizer steps completed in the stage;
+    `steps_per_epoch` converts epochs to steps (None outside the trainer, where epochs are unknown)."""
+
+    step: int = 0
+    steps_per_epoch: int | None = None
+
+    def steps(self, epochs: float, what: str) -> int:
+        """`epochs` as a whole number of optimizer steps (ValueError when the epoch length is unknown)."""
+        if epochs == 0:
+            return 0
+        if self.steps_per_epoch is None:
+            raise ValueError(f"{what} is given in epochs, but the epoch length is unknown here: give the "
+                             "Distiller steps_per_epoch, or the warm-up in steps")
+        return round(epochs * self.steps_per_epoch)
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """Everything `Method.build` and `Weighting.build` receive (one per term).
@@ -43,3 +62,5 @@ class BuildContext:
     world_size: int
     student_model: nn.Module
     teacher_model: nn.Module | None
+    #: The stage's clock, for a module whose behaviour follows the training position (read, never set).
+    clock: StageClock = field(default_factory=StageClock)

@@ -1,11 +1,26 @@
-"""The contract between methods and weightings: per-sample discrepancies, dim 0 = sample."""
+"""The contract between methods and weightings: per-sample discrepancies, dim 0 = sample, and the flags
+of a method that a weighting may read (`MethodTraits`). Neither side imports the other."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
+
+
+class MethodTraits(Protocol):
+    """What a weighting may know of the method it weights (every `padkd.Method` has these flags).
+
+    `unit`: "sample" when the discrepancy decomposes per sample, "batch" when only its batch mean means
+    anything (then only `uniform` applies, and `per_sample_fix` says how to get a per-sample variant);
+    `elements`: "fixed" when element e means the same in every batch (a feature dimension, a part),
+    "exchangeable" when elements are partners (row j of a pairwise loss) and E follows the batch."""
+
+    unit: Literal["sample", "batch"]
+    elements: Literal["fixed", "exchangeable"]
+    per_sample_fix: str
 
 
 @dataclass

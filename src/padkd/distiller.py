@@ -17,13 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from padkd.batch import Batch
-from padkd.context import BuildContext, DataInfo, Features
+from padkd.context import BuildContext, DataInfo, Features, StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.errors import PadkdError, did_you_mean
 from padkd.methods.base import Method
 from padkd.taps import OUTPUT, Taps, default_embedding
 from padkd.tasks.base import Task
-from padkd.weighting import Uniform, Weighting
+from padkd.weightings import Uniform, Weighting
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,11 @@ class Term(nn.Module):
     connector) from the previous stage's term of the same name and `signature` (every tensor the previous
     state holds is loaded; modules new in this stage keep their fresh initialisation). `lr_scale`
     multiplies the LR of the term's modules (0 freezes them).
-    `warmup_epochs` (default: the method's own, e.g. DKD's) ramps the weight linearly over epochs.
+
+    The warm-up ramp is the same for every term and counts optimizer steps k of the stage: the term is
+    multiplied by `(min(k, N) + 1) / (N + 1)`. N is `warmup_steps`, or `warmup_epochs` converted with the
+    stage's epoch length; with neither, the longer of the method's default (DKD: 20 epochs) and the
+    weighting's (PAD: 100 steps).
     """
 
     def __init__(
@@ -55,10 +59,13 @@ class Term(nn.Module):
         lr_scale: float = 1.0,
         warmup_epochs: float | None = None,
         signature: str | None = None,
+        warmup_steps: int | None = None,
     ) -> None:
         super().__init__()
         if lr_scale < 0:
             raise ValueError(f"term '{name}': lr_scale must be >= 0, got {lr_scale}")
+        if warmup_steps is not None and warmup_epochs is not None:
+            raise ValueError(f"term '{name}': give warmup_steps or warmup_epochs, not both")
         self.name = name
         self.method = method
         self.weighting = weighting if weighting is not None else Uniform()
@@ -69,7 +76,8 @@ class Term(nn.Module):
         self.embedding_tap = embedding
         self.carry = carry
         self.lr_scale = lr_scale
-        self.warmup_epochs = method.warmup_epochs if warmup_epochs is None else warmup_epochs
+        self.warmup_epochs = warmup_epochs
+        self.warmup_steps = warmup_steps
         self.signature = signature or json.dumps([type(method).__qualname__, student, teacher])
 
     def student_paths(self) -> list[str]:
@@ -78,11 +86,18 @@ class Term(nn.Module):
     def teacher_paths(self) -> list[str]:
         return [self.teacher_tap] if isinstance(self.teacher_tap, str) else list(self.teacher_tap)
 
-    def ramp(self, epoch: int | None) -> float:
-        """The warm-up factor in (0-based) `epoch` of the stage: min(1, (epoch + 1) / warmup_epochs)."""
-        if not self.warmup_epochs or epoch is None:
-            return 1.0
-        return min(1.0, (epoch + 1) / self.warmup_epochs)
+    def ramp_steps(self, clock: StageClock) -> int:
+        """N, the optimizer steps over which this term ramps in (see the class docstring)."""
+        what = f"term '{self.name}': warmup_epochs"
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if self.warmup_epochs is not None:
+            return clock.steps(self.warmup_epochs, what)
+        return max(clock.steps(self.method.warmup_epochs, what), self.weighting.warmup_steps)
+
+    def ramped(self, loss: Tensor, step: int, steps: int) -> Tensor:
+        """`loss` times the ramp at optimizer step `step` of a ramp over `steps` steps."""
+        return loss * (min(step, steps) + 1) / (steps + 1) if steps > 0 else loss
 
 
 def carry_state(method: Method, previous: dict[str, Tensor], term: str) -> None:
@@ -140,6 +155,7 @@ class Distiller(nn.Module):
         teacher_train_bn: bool = False,
         student_mode: Literal["train", "eval"] = "train",
         taps: tuple[Taps, Taps | None] | None = None,
+        steps_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         terms = terms or []
@@ -186,6 +202,13 @@ class Distiller(nn.Module):
             raise ValueError("the taps given to the Distiller do not hold every path its terms read")
         self._student_taps, self._teacher_taps = taps[0], taps[1] if terms else None
         self._prepared = not terms
+        #: The stage's clock: the trainer passes the optimizer step to `forward`; without it, each training
+        #: forward counts as one step (a loop of one's own that steps the optimizer after every batch).
+        self.clock = StageClock(steps_per_epoch=steps_per_epoch)
+        try:
+            self._ramps = {t.name: t.ramp_steps(self.clock) for t in terms}
+        except ValueError as err:
+            raise PadkdError(str(err)) from None
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -259,7 +282,7 @@ class Distiller(nn.Module):
             for term in self.terms:
                 s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
                 ctx = BuildContext(student=s, teacher=t, batch=batch, data=data, world_size=world_size,
-                                   student_model=self.student, teacher_model=self.teacher)
+                                   student_model=self.student, teacher_model=self.teacher, clock=self.clock)
                 try:
                     term.method.build(ctx)
                 except ValueError as err:
@@ -287,10 +310,14 @@ class Distiller(nn.Module):
                              "student module instead (e.g. embedding: fc:in)")
         return out
 
-    def forward(self, batch: Batch, epoch: int | None = None) -> DistillOutput:
-        """Losses on `batch`; `epoch` (0-based, within the stage) drives the terms' warm-up ramps."""
+    def forward(self, batch: Batch, step: int | None = None) -> DistillOutput:
+        """Losses on `batch`. `step`: the optimizer steps completed in the stage, which drive the terms'
+        warm-up ramps (with gradient accumulation, several forwards share one step); None: this distiller
+        counts one step per training forward."""
         if not self._prepared:
             raise RuntimeError("Distiller.prepare(batch) must run once before the first forward")
+        if step is not None:
+            self.clock.step = step
         s_values, t_values = self._features(batch)
         losses: dict[str, Tensor] = {}
         records: dict[str, dict[str, Tensor]] = {}
@@ -304,11 +331,13 @@ class Distiller(nn.Module):
             d = Discrepancy.of(term.method(s, t, batch))
             result = term.weighting(d, self._embedding(term, s_values, s))
             loss = result.loss if d.unweighted is None else result.loss + d.unweighted.float()
-            losses[term.name] = term.weight * term.ramp(epoch) * loss
+            losses[term.name] = term.weight * term.ramped(loss, self.clock.step, self._ramps[term.name])
             records[term.name] = {"discrepancy": d.reduce_elements().detach().float(),
                                   "weight": result.weight.detach()} | result.columns
             if term.method.elements == "fixed" and d.elements > 1 and d.mask is None:
                 elements[term.name] = {"discrepancy": d.value.detach().float()} | result.element_columns
+        if step is None and self.training:
+            self.clock.step += 1
         teacher_out = t_values[OUTPUT] if t_values is not None else None
         return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records,
                              element_records=elements)
@@ -339,10 +368,10 @@ class Distiller(nn.Module):
         if student:
             groups.append({"params": student, "lr_scale": 1.0, "name": "student"})
         for term in self.terms:
-            # a method may freeze its own modules; a weighting's (a PAD head) may train at its own multiple
-            parts = [(term.name, [p for p in term.method.parameters() if p.requires_grad], term.lr_scale),
-                     (f"{term.name}.weighting", [p for p in term.weighting.parameters() if p.requires_grad],
-                      term.lr_scale * term.weighting.lr_scale)]
+            # a method may freeze its own modules; a weighting's groups (a PAD head) say their own multiples
+            parts = [(term.name, [p for p in term.method.parameters() if p.requires_grad], term.lr_scale)]
+            parts += [(f"{term.name}.{name}", params, term.lr_scale * scale)
+                      for name, params, scale in term.weighting.param_groups()]
             for name, params, scale in parts:
                 if scale == 0:
                     for p in params:

@@ -1,6 +1,6 @@
 """Decorator registries: configs name registered keys only, never import paths.
 
-Each entry is a factory (class or function). `Registry.build` checks the config's keyword
+Each entry is a factory (class or function). `Registry.create` checks the config's keyword
 arguments against the factory's signature and types (pydantic), so a typo in a YAML file becomes
 `distill.terms[0].method.temprature: unknown option; did you mean 'temperature'?`.
 """
@@ -58,7 +58,7 @@ class Registry(Generic[T]):
         doc = inspect.getdoc(self._entries[name]) or ""
         return doc.splitlines()[0] if doc else ""
 
-    def build(self, name: str, options: dict[str, Any] | None = None, where: str = "", **fixed: Any) -> T:
+    def create(self, name: str, options: dict[str, Any] | None = None, where: str = "", **fixed: Any) -> T:
         """Call the factory with validated `options` (from a config) plus `fixed` (from the code)."""
         factory = self.get(name, where)
         options = dict(options or {})

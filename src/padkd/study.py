@@ -677,7 +677,7 @@ def corruption_stats(root: Path, row: Row) -> dict[str, Any]:
         options = {k: v for k, v in data_cfg.items() if k not in ("name", "batch_size", "eval_batch_size",
                                                                    "num_workers", "pin_memory", "persistent_workers",
                                                                    "prefetch_factor", "sampler")}
-        train = DATASETS.build(data_cfg["name"], options, "data").train
+        train = DATASETS.create(data_cfg["name"], options, "data").train
         bad = (train.noisy | train.flipped).numpy()[records["index"].astype(int)]
         if not bad.any():
             continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +55,26 @@ def default_embedding(model: nn.Module) -> str:
     return f"{names[-1]}:in"
 
 
+class _Call(NamedTuple):
+    """One recorded call of a tapped module: its first input, its output, the kept output (a copy for a
+    `:copy` tap, else the output itself) and the in-place version counters of input and output then."""
+
+    input: Any
+    output: Any
+    kept: Any
+    versions: tuple[tuple[int, ...] | None, tuple[int, ...] | None]
+
+    def value(self, tap: TapPath) -> Any:
+        """What `tap` reads from this call."""
+        return self.input if tap.want_input else (self.kept if tap.copy else self.output)
+
+    def overwritten(self, tap: TapPath) -> bool:
+        """Whether the value `tap` reads was changed in place after the call (never for a `:copy` tap)."""
+        recorded = self.versions[0] if tap.want_input else self.versions[1]
+        value = self.input if tap.want_input else self.output
+        return not tap.copy and recorded is not None and _versions(value) != recorded
+
+
 @dataclass(frozen=True)
 class TapPath:
     """A parsed tap path: module name, input or output, and which call (None: the only one; -1: all)."""
@@ -88,7 +108,7 @@ class Taps:
     def __init__(self, model: nn.Module, paths: set[str], role: str) -> None:
         self.role = role
         self._recording = False
-        self._calls: dict[str, list[tuple[Any, Any]]] = {}
+        self._calls: dict[str, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         modules = dict(model.named_modules())
         self.paths = {p: TapPath.parse(p, model, role) for p in sorted(paths - {OUTPUT})}
@@ -105,7 +125,8 @@ class Taps:
             if self._recording:
                 first = inputs[0] if inputs else None
                 kept = tree_map(torch.Tensor.clone, output) if copy else output
-                self._calls.setdefault(name, []).append((first, output, kept, (_versions(first), _versions(output))))
+                call = _Call(first, output, kept, (_versions(first), _versions(output)))
+                self._calls.setdefault(name, []).append(call)
 
         return hook
 
@@ -125,11 +146,10 @@ class Taps:
         values: dict[str, Any] = {OUTPUT: output}
         for text, tap in self.paths.items():
             made = calls.get(tap.module, [])
-            side = 0 if tap.want_input else 1
-            if not tap.copy and any(c[3][side] is not None and _versions(c[side]) != c[3][side] for c in made):
+            if any(c.overwritten(tap) for c in made):
                 raise PadkdError(f"{self.role} tap '{text}': the value was changed in place later in the forward (an "
                                  f"in-place ReLU after '{tap.module}'?); tap '{tap.module}:copy' to keep a copy of it")
-            picked = [c[0] if tap.want_input else (c[2] if tap.copy else c[1]) for c in made]
+            picked = [c.value(tap) for c in made]
             if tap.call == -1:
                 values[text] = picked
             elif tap.call is not None:

@@ -1,24 +1,23 @@
 """Registry checks of a parsed config: every name and option of every stage, resolved before training.
 
-Kept apart from `config` (the schema) and `build` (the objects) so that neither imports the other
-through the back door: config → validate → registries, and build → config, validate, registries.
+`config` is the pure schema and imports no registry; this module checks a parsed Config against the
+registries and is run where objects are made (the Trainer, `padkd eval`), before anything is written.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
+from padkd.assemble import make_task
+from padkd.config import Component, Config, load_config, parse_config
 from padkd.data import DATASETS
 from padkd.data.samplers import SAMPLERS
 from padkd.errors import PadkdError
 from padkd.methods import METHODS
 from padkd.models import MODELS
 from padkd.registry import Registry, check_options, validate_options
-from padkd.tasks import TASKS, Task
-from padkd.weighting import WEIGHTINGS
-
-if TYPE_CHECKING:
-    from padkd.config import Component, Config
+from padkd.weightings import WEIGHTINGS
 
 #: Keyword arguments the engine passes to every sampler factory.
 SAMPLER_FIXED = frozenset({"size", "seed", "rank", "world", "batch_size", "targets"})
@@ -33,17 +32,12 @@ def check_component(registry: Registry[Any], comp: Component, where: str,
     validate_options(factory, comp.options, where)
 
 
-def build_task(comp: Component) -> Task:
-    """The configured task object (cheap; also used by the engine)."""
-    return TASKS.build(comp.name, comp.options, "task")
-
-
 def check_components(cfg: Config) -> None:
     """Resolve every registered name and option of every stage now, not when stage 2 starts: methods and
     weightings are built once (cheap, no shapes yet) and each weighting checks that it can weight its method."""
     check_component(DATASETS, cfg.data, "data")
     check_component(SAMPLERS, cfg.data.sampler, "data.sampler", SAMPLER_FIXED)
-    task = build_task(cfg.task)
+    task = make_task(cfg.task)
     check_component(MODELS, cfg.student.model, "student.model", task.model_fields)
     if cfg.teacher is not None:
         check_component(MODELS, cfg.teacher.model, "teacher.model", task.model_fields)
@@ -54,8 +48,8 @@ def check_components(cfg: Config) -> None:
             where = f"stages[{i}].terms[{j}]"
             check_component(METHODS, term.method, f"{where}.method")
             check_component(WEIGHTINGS, term.weighting, f"{where}.weighting")
-            method = METHODS.build(term.method.name, term.method.options, f"{where}.method")
-            weighting = WEIGHTINGS.build(term.weighting.name, term.weighting.options, f"{where}.weighting")
+            method = METHODS.create(term.method.name, term.method.options, f"{where}.method")
+            weighting = WEIGHTINGS.create(term.weighting.name, term.weighting.options, f"{where}.weighting")
             try:
                 weighting.check(method)
             except ValueError as err:
@@ -63,3 +57,17 @@ def check_components(cfg: Config) -> None:
     for split in cfg.records.splits:
         if split == "test" and not cfg.eval_test:
             raise PadkdError("records.splits: 'test' needs eval_test: true")
+
+
+def load_checked(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """`load_config` plus every registry check: the config a command can build a run from."""
+    cfg = load_config(path, overrides)
+    check_components(cfg)
+    return cfg
+
+
+def parse_checked(raw: dict[str, Any]) -> Config:
+    """`parse_config` plus every registry check (a dict built in code, e.g. by a demo or a test)."""
+    cfg = parse_config(raw)
+    check_components(cfg)
+    return cfg

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from padkd.build import build_data, build_model, build_task
+from padkd.assemble import make_data, make_model, make_task
 from padkd.config import Component, ModelRef, parse_config
 from padkd.demos import fresh_output, progress
 from padkd.engine.trainer import Trainer
@@ -136,7 +136,7 @@ def summary_tables(results: dict[str, Any]) -> str:
 def _test_embeddings(run_dir: Path, model: dict[str, Any], data: Any, task: Any) -> torch.Tensor:
     """The trained model of `run_dir` (its last checkpoint) applied to the whole test split."""
 
-    net = build_model(ModelRef(model=Component(**model), checkpoint=str(run_dir)), data, task, "model").eval()
+    net = make_model(ModelRef(model=Component(**model), checkpoint=str(run_dir)), data, task, "model").eval()
     loader = torch.utils.data.DataLoader(data.test, batch_size=512)
     return torch.cat([net(images) for images, _, _ in loader])
 
@@ -149,7 +149,7 @@ def neighbours_figure(out: Path, results: dict[str, Any], data_root: str | None)
 
 
     cfg = parse_config(_config("figure", out / "unused", STUDENT, 0, True, data_root, [], None))
-    data, task = build_data(cfg), build_task(cfg.task)
+    data, task = make_data(cfg), make_task(cfg.task)
     images, labels = data.test.images, data.test.labels  # type: ignore[attr-defined]
     (mean,), (std,) = data.normalization
     queries = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:N_QUERIES]

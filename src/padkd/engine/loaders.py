@@ -65,7 +65,7 @@ def make_loader(cfg: Config, data: DataSplits, split: str, *, train: bool, colla
     dataset = data.split(split, augment=train)
     dc = cfg.data
     if train:
-        sampler: Any = SAMPLERS.build(dc.sampler.name, dc.sampler.options, "data.sampler", size=len(dataset),
+        sampler: Any = SAMPLERS.create(dc.sampler.name, dc.sampler.options, "data.sampler", size=len(dataset),
                                       seed=cfg.seed, rank=rank, world=world, batch_size=dc.batch_size,
                                       targets=data.train_targets)
         batch_size = dc.batch_size

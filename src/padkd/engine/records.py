@@ -3,8 +3,9 @@ weighting's own columns (PAD: learned log σ² and 1/σ²), beside the task's ow
 the teacher's and the student's predictions). Written as CSV.
 
 Per-element records: for terms whose elements are fixed feature dimensions, the mean over the split's
-samples of each element's discrepancy and of PAD's log σ² and 1/σ² (what per-element PAD learns per
-dimension), one row per element."""
+samples of each element's discrepancy and of the weighting's per-element columns (PAD: log σ² and 1/σ²,
+what per-element PAD learns per dimension), one row per element. The columns are whatever the method
+and weighting return: this module names neither."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ Table = dict[str, torch.Tensor]
 def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[Table, dict[str, Table]]:
     """Run the distiller in eval mode over `loader`. Returns the per-sample table (one column per quantity,
     rows sorted by index) and, per term with per-element records, a table with one row per element:
-    `element`, then each quantity averaged over the split's samples (`discrepancy`; PAD's `log_var` and
-    `inv_var` = the mean of 1/σ²)."""
+    `element`, then each quantity averaged over the split's samples (`discrepancy`, then the weighting's
+    element columns, e.g. PAD's `log_var` and `inv_var`)."""
     was_training = distiller.training
     distiller.eval()
     columns: dict[str, list[torch.Tensor]] = {}
@@ -41,11 +42,8 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
             for term, rec in out.element_records.items():
-                per_element = dict(rec)
-                if "log_var" in rec:
-                    per_element["inv_var"] = torch.exp(-rec["log_var"])
                 into = sums.setdefault(term, {})
-                for key, value in per_element.items():
+                for key, value in rec.items():
                     total = value.detach().double().sum(0).cpu()
                     into[key] = into[key] + total if key in into else total
             count += len(batch)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from padkd.engine import checkpoint as ckpt
+from padkd import checkpoint as ckpt
 from padkd.errors import PadkdError
 
 LOCK_NAME = ".padkd.lock"

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from padkd.batch import Batch
+from padkd.checkpoint import load_state_strict
 from padkd.config import EngineConfig, OptimizerConfig, SchedulerConfig, StageConfig
 from padkd.distiller import Distiller
-from padkd.engine.checkpoint import load_state_strict
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: DDP must not broadcast buffers before every forward (a CRD memory bank would be copied from rank 0 each
@@ -89,11 +89,13 @@ class StageRun:
                 find_unused_parameters=distiller.find_unused_parameters, **_NO_BUFFER_SYNC)
         self.meters: dict[str, Tensor] = {}
         self.pending = 0  # micro-batches accumulated since the last optimizer step
+        self.steps = 0  # optimizer steps completed in this stage: the clock of the terms' ramps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"terms": self.distiller.terms_state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "meters": {k: v.detach().cpu() for k, v in self.meters.items()}}
+                "scaler": self.scaler.state_dict(), "meters": {k: v.detach().cpu() for k, v in self.meters.items()},
+                "stage_steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any], what: str) -> None:
         load_state_strict(self.distiller.terms, state["terms"], f"{what} (distillation terms)")
@@ -101,6 +103,7 @@ class StageRun:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.meters = {k: v.to(self.device) for k, v in state.get("meters", {}).items()}
+        self.steps = int(state["stage_steps"])
 
     # ------------------------------------------------------------------ training
     def set_lr(self, epoch: float) -> float:
@@ -116,7 +119,7 @@ class StageRun:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def step(self, batch: Batch, epoch: int) -> dict[str, Tensor]:
+    def step(self, batch: Batch) -> dict[str, Tensor]:
         """Forward and backward one micro-batch; every `accumulate` micro-batches, clip and step the
         optimizer. Returns the detached losses (and "total") on the device; no host synchronisation."""
         self.pending += 1
@@ -125,7 +128,7 @@ class StageRun:
             else self.model.no_sync()
         with sync:
             with self._autocast():
-                out = self.model(batch, epoch)
+                out = self.model(batch, self.steps)
             total = out.total
             self.scaler.scale(total / self.engine.accumulate).backward()
         if last:
@@ -156,6 +159,7 @@ class StageRun:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
+        self.steps += 1
 
     def take_meters(self) -> dict[str, Tensor]:
         """The epoch's summed losses and step count, cleared for the next epoch."""

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from padkd import checkpoint as ckpt
+from padkd import distributed as ddp
+from padkd.assemble import make_data, make_distiller, make_model, make_task, resolve_device
 from padkd.batch import tree_leaves
-from padkd.build import build_data, build_distiller, build_model, build_task, resolve_device
 from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
-from padkd.engine import checkpoint as ckpt
-from padkd.engine import distributed as ddp
 from padkd.engine import records, rundir
 from padkd.engine.evaluate import evaluate
 from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
@@ -38,6 +38,7 @@ from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_pro
 from padkd.engine.stage import StageRun
 from padkd.errors import NonFiniteLossError, PadkdError
 from padkd.taps import Taps
+from padkd.validate import check_components
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool = False, quiet: bool = False,
                  callbacks: list[StepCallback] | None = None) -> None:
+        check_components(cfg)  # every registered name and option, before anything is made or written
         self.cfg = cfg
         self.resume = resume
         self.quiet = quiet
@@ -128,7 +130,7 @@ class Trainer:
         self.rank, self.world = ddp.init_from_env(self.device)
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
-        self.task = build_task(cfg.task)
+        self.task = make_task(cfg.task)
         self.progress = Progress()
         self._stop_requested = False
         self._lock = rundir.RunLock(self.run_dir)
@@ -172,8 +174,8 @@ class Trainer:
         """Student and teacher on the device, in the configured memory layout, compiled in place if asked
         (in place keeps state_dict keys, so checkpoints are the same with compile on or off)."""
         cfg = self.cfg
-        teacher = build_model(cfg.teacher, self.data, self.task, "teacher").to(self.device) if cfg.teacher else None
-        student = build_model(cfg.student, self.data, self.task, "student").to(self.device)
+        teacher = make_model(cfg.teacher, self.data, self.task, "teacher").to(self.device) if cfg.teacher else None
+        student = make_model(cfg.student, self.data, self.task, "student").to(self.device)
         for model in (student, teacher):
             if model is None:
                 continue
@@ -197,7 +199,7 @@ class Trainer:
         cfg = self.cfg
         state = self._resume_state()
         seed_everything(cfg.seed, cfg.deterministic)
-        self.data = build_data(cfg)
+        self.data = make_data(cfg)
         for split in cfg.records.splits:
             if split == "val" and self.data.val is None:
                 raise PadkdError(f"records.splits: data set '{cfg.data.name}' has no 'val' split; record 'test' "
@@ -255,7 +257,8 @@ class Trainer:
         for index, stage in enumerate(self.cfg.stages):
             if index < self.progress.stage:
                 continue
-            distiller = build_distiller(self.cfg, stage, student, teacher, self.task, f"stages[{index}]")
+            distiller = make_distiller(self.cfg, stage, student, teacher, self.task, f"stages[{index}]",
+                                       steps_per_epoch=self._optimizer_steps_per_epoch())
             student_paths |= distiller.student_paths
             teacher_paths |= distiller.teacher_paths
             try:
@@ -282,6 +285,10 @@ class Trainer:
                                      f"({_shapes(example.inputs)}): {first}; fix {where}.model's options") from None
                 finally:
                     model.train(was_training)
+
+    def _optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch: a step per `accumulate` micro-batches, and one for a partial group."""
+        return math.ceil(len(self.train_loader) / self.cfg.engine.accumulate)
 
     def _close_taps(self) -> None:
         for taps in getattr(self, "_taps", ()):
@@ -319,7 +326,8 @@ class Trainer:
         """Train one stage (from `state` when resuming) and return its distiller (the next stage's `previous`)."""
         cfg, progress = self.cfg, self.progress
         where = f"stages[{index}]"
-        distiller = build_distiller(cfg, stage, student, teacher, self.task, where, taps=self._taps).to(self.device)
+        distiller = make_distiller(cfg, stage, student, teacher, self.task, where, taps=self._taps,
+                                   steps_per_epoch=self._optimizer_steps_per_epoch()).to(self.device)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
             distiller.prepare(example, self.data.info(), self.world, previous)
@@ -369,7 +377,7 @@ class Trainer:
         t_last, n_last = time.perf_counter(), 0
         for batch in loader:
             lr = run.set_lr(progress.epoch + progress.batch / steps_per_epoch)
-            losses = run.step(batch, progress.epoch)
+            losses = run.step(batch)
             progress.batch += 1
             n_last += len(batch)
             watch.update(losses, progress.global_step + 1)
@@ -463,8 +471,7 @@ class Trainer:
         """Write a checkpoint (rank 0); never one that holds NaN/inf weights or state."""
         if not self.main:
             return
-        state = {"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "run",
-                 "model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
+        state = {"model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
                  **run.state_dict(), "progress": vars(self.progress).copy(), "rng": ckpt.rng_state()}
         bad = ckpt.non_finite({"student": state["student"], "terms": state["terms"]})
         if bad is not None:
@@ -472,7 +479,7 @@ class Trainer:
                 f"the weights became NaN/inf ('{bad}') in stage '{run.stage.name}' by global step "
                 f"{self.progress.global_step} although the logged losses were finite; {self._kept()}; "
                 f"{self._advice()}")
-        ckpt.atomic_save(state, self.run_dir / "checkpoints" / f"{name}.pt")
+        ckpt.save(self.run_dir / "checkpoints" / f"{name}.pt", "run", **state)
 
     def _finish(self, student: nn.Module) -> dict[str, Any]:
         progress = self.progress

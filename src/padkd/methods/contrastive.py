@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from padkd.batch import Batch
 from padkd.context import BuildContext
 from padkd.discrepancy import Discrepancy
-from padkd.engine.distributed import all_gather_cat
+from padkd.distributed import all_gather_cat
 from padkd.errors import PadkdError
 from padkd.methods.base import METHODS, Method
 

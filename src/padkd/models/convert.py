@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from padkd import checkpoint as ckpt
 from padkd.config import Component
-from padkd.engine import checkpoint as ckpt
 from padkd.errors import PadkdError
 from padkd.models import MODELS
 
@@ -150,7 +150,7 @@ def import_teacher(source: Path, output: Path, name: str, options: dict[str, Any
     checked key by key; `num_classes` defaults to the file's classifier size. Returns a summary line."""
     options = dict(options or {})
     state, layout = read_state_dict(source, part)
-    model = MODELS.build(name, options, "model", in_channels=in_channels, num_classes=num_classes or 1)
+    model = MODELS.create(name, options, "model", in_channels=in_channels, num_classes=num_classes or 1)
     classifier = state.get(f"{classifier_name(model)}.weight")
     found = int(classifier.shape[0]) if classifier is not None and classifier.dim() == 2 else None
     if num_classes is None:
@@ -158,13 +158,12 @@ def import_teacher(source: Path, output: Path, name: str, options: dict[str, Any
             raise PadkdError(f"'{source}': cannot tell the number of classes from its classifier; pass --num-classes")
         num_classes = found
         if found != 1:
-            model = MODELS.build(name, options, "model", in_channels=in_channels, num_classes=found)
+            model = MODELS.create(name, options, "model", in_channels=in_channels, num_classes=found)
     fix = (f"the file was trained with {found} classes: pass --num-classes {found}" if found not in (None, num_classes)
            else "check --model (and its --option values) against the architecture the file was trained with")
     fit_state(model, state, f"'{source}' ({layout}) as {name}", fix)
     spec = ckpt.model_spec(Component(name=name, **options))
-    ckpt.atomic_save({"format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": "export", "model": spec,
-                      "student": model.state_dict(), "imported_from": str(source)}, output)
+    ckpt.save(output, "export", model=spec, student=model.state_dict(), imported_from=str(source))
     n_params = sum(p.numel() for p in model.parameters())
     return (f"imported {source} ({layout}) as {name} with {num_classes} classes ({n_params:,} parameters) into "
             f"{output}; use it as teacher: {{model: {spec}, checkpoint: {output}}}")

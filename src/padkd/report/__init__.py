@@ -267,7 +267,7 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
         raise _Skipped(f"test images are drawn only for {', '.join(IMAGE_DATASETS)} (bundled, no download); "
                        f"this demo used '{dataset}'.")
     run_dir = records.path.parent.parent
-    data = DATASETS.build(dataset, _data_options(run_dir, dataset), "data")
+    data = DATASETS.create(dataset, _data_options(run_dir, dataset), "data")
     mean, std = data.normalization
     images = data.split(records.split)
     order = np.argsort(records.log_var, kind="stable")

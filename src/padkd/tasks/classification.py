@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.data import DataSplits
-from padkd.engine.distributed import all_reduce_sum
+from padkd.distributed import all_reduce_sum
 from padkd.tasks.base import TASKS, Evaluator, Task
 
 

@@ -22,7 +22,7 @@ from torchvision.ops import box_iou
 
 from padkd.batch import Batch, list_collate
 from padkd.data import DataSplits
-from padkd.engine.distributed import all_gather_object, broadcast_object, is_distributed
+from padkd.distributed import all_gather_object, broadcast_object, is_distributed
 from padkd.errors import PadkdError
 from padkd.tasks.base import TASKS, Evaluator, Task
 

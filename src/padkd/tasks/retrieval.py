@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from padkd.batch import Batch
-from padkd.engine.distributed import all_gather_cat, broadcast_object, is_distributed
+from padkd.distributed import all_gather_cat, broadcast_object, is_distributed
 from padkd.errors import PadkdError
 from padkd.tasks.base import TASKS, Evaluator, Task
 

@@ -1,4 +1,7 @@
-"""Checkpoints: full training state, written atomically, loaded with `weights_only=True`.
+"""Checkpoints and exports: the file format, its one writer (`save`) and its checked reader (`load`).
+
+Full training state is written atomically and loaded with `weights_only=True`. This module knows
+nothing of the training loop: the engine, the CLI and `padkd import-teacher` all write through `save`.
 
 The LR schedule is a pure function of the step, so the step in `progress` is its whole state. A file
 is written to a temporary file created exclusively (O_EXCL, a random name holding the writer's pid) in
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from padkd.config import Component
 
 FORMAT = "padkd-checkpoint"
-VERSION = 2
+VERSION = 3
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-")
 
 
@@ -88,6 +91,16 @@ _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     "export": {"model": dict, "student": dict},
     "run": {"model": dict, "student": dict, "terms": dict, "optimizer": dict, "progress": dict, "rng": dict},
 }
+
+
+def save(path: Path, kind: str, **payload: Any) -> None:
+    """Write a padkd file of `kind` ("run" or "export"): the header, then `payload`, which must hold what
+    `load` demands of that kind; atomically (see `atomic_save`)."""
+    state = {"format": FORMAT, "version": VERSION, "kind": kind, **payload}
+    wrong = [key for key, types in _REQUIRED[kind].items() if not isinstance(state.get(key), types)]
+    if wrong:
+        raise ValueError(f"a padkd {kind} needs '{wrong[0]}' of type {_REQUIRED[kind][wrong[0]]}")
+    atomic_save(state, path)
 
 
 def load(path: Path, kind: str | None = None) -> dict[str, Any]:
