@@ -1,4 +1,5 @@
-"""DKD and DIST: values against the papers' formulas written out per sample, batch means, warm-up, PAD refusal."""
+"""DKD, DIST and logit standardization: values against the papers' and authors' formulas written out per sample,
+batch means, warm-up, PAD refusal."""
 
 from __future__ import annotations
 
@@ -177,3 +178,52 @@ def test_dist_pad_weights_the_per_sample_part() -> None:
 def test_example_configs_parse(name: str) -> None:
     cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
     assert any(term.method.name == name for stage in cfg.stages for term in stage.terms)
+
+
+# ---------------------------------------------------------------------- logit standardization (LS)
+
+
+def z_score(row: list[float]) -> list[float]:
+    """The LS authors' z-score of one row: unbiased std, 1e-7 added to it."""
+    mean = sum(row) / len(row)
+    std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+    return [(v - mean) / (std + 1e-7) for v in row]
+
+
+def test_standardize_is_the_authors_z_score_per_row() -> None:
+    from padkd.methods.logits import standardize
+
+    out = standardize(S)
+    for i in range(3):
+        assert out[i].tolist() == pytest.approx(z_score(S[i].tolist()), abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 logits"):
+        standardize(S[:, :1])
+
+
+@pytest.mark.parametrize("temp", [2.0, 4.0])
+def test_kd_with_logit_standardization_per_sample(temp: float) -> None:
+    d = KD(temperature=temp, standardize=True)(S, T, batch())
+    for i in range(3):
+        p_s, p_t = softmax(z_score(S[i].tolist()), temp), softmax(z_score(T[i].tolist()), temp)
+        assert float(d[i]) == pytest.approx(temp**2 * kl(p_t, p_s), rel=1e-5)
+    # LS removes each row's shift and scale: KD + LS cannot see them, plain KD does.
+    scaled = 3.0 * S + torch.tensor([[1.0], [-2.0], [5.0]])
+    torch.testing.assert_close(KD(temp, standardize=True)(scaled, T, batch()), d, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(KD(temp)(scaled, T, batch()), KD(temp)(S, T, batch()))
+
+
+def test_dkd_with_logit_standardization_per_sample() -> None:
+    d = DKD(alpha=1.0, beta=8.0, temperature=2.0, standardize=True)(S, T, batch()).value
+    for i in range(3):
+        tckd, nckd = dkd_parts(z_score(S[i].tolist()), z_score(T[i].tolist()), int(Y[i]), 2.0)
+        assert float(d[i, 0]) == pytest.approx(tckd, rel=1e-4, abs=1e-7)
+        assert float(d[i, 1]) == pytest.approx(8.0 * nckd, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", ["kd_ls", "dkd_ls"])
+def test_ls_is_one_config_line(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
+    (term,) = cfg.stages[0].terms
+    assert term.method.name == name.removesuffix("_ls") and term.method.options["standardize"] is True
+    assert term.method.options["temperature"] == 2.0 and term.weight == 9.0  # the LS authors' base recipe
+

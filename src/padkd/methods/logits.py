@@ -1,4 +1,8 @@
-"""Methods on the networks' outputs (logits)."""
+"""Methods on the networks' outputs (logits): KD, DKD, DIST.
+
+Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd` and `dkd`. See
+docs/methods-logits-relations.md for the conventions chosen where public implementations disagree.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +14,54 @@ from padkd.batch import Batch
 from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
 
+#: The logit-standardization authors' epsilon (added to the unbiased standard deviation).
+LS_EPS = 1e-7
+
+
+def standardize(z: Tensor, eps: float = LS_EPS) -> Tensor:
+    """Logit standardization: each row's z-score `(z - mean) / (std + eps)`, std unbiased (the authors' code).
+
+    The softmax of a z-score no longer depends on the logits' range, so the student matches the teacher's
+    logit relations rather than its magnitude (Sun et al., CVPR 2024)."""
+    if z.shape[1] < 2:
+        raise ValueError(f"logit standardization needs at least 2 logits per row, got {z.shape[1]}")
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def _logits(student: Tensor, teacher: Tensor, standardized: bool) -> tuple[Tensor, Tensor]:
+    """Both logits in fp32, z-scored per row when `standardized`."""
+    s, t = student.float(), teacher.float()
+    return (standardize(s), standardize(t)) if standardized else (s, t)
+
+
+def _kl_rows(student: Tensor, teacher: Tensor, temperature: float | Tensor) -> Tensor:
+    """Per-row `KL(softmax(t/T) ‖ softmax(s/T))`, in log space (T a number or a `[B, 1]` column)."""
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+
 
 @METHODS.register("kd")
 class KD(Method):
     """Hinton KD: sample i's discrepancy is `T² · KL(softmax(t_i/T) ‖ softmax(s_i/T))`.
 
     The T² factor keeps gradient magnitudes comparable across temperatures; the batch mean of these
-    discrepancies equals `KLDivLoss(reduction="batchmean") · T²`.
+    discrepancies equals `KLDivLoss(reduction="batchmean") · T²`. `standardize: true` z-scores both
+    logits per row first ("KD + LS", Sun et al. CVPR 2024: their recipe is T = 2, term weight 9).
     """
 
     reference = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv 1503.02531, 2015"
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    def __init__(self, temperature: float = 4.0, standardize: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"KD temperature must be > 0, got {temperature}")
         self.temperature = temperature
+        self.standardize = standardize
 
     def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
-        t = self.temperature
-        log_p_s = F.log_softmax(student.float() / t, dim=1)
-        log_p_t = F.log_softmax(teacher.float() / t, dim=1)
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * (t * t)
+        s, t = _logits(student, teacher, self.standardize)
+        return _kl_rows(s, t, self.temperature) * (self.temperature**2)
 
 
 @METHODS.register("dkd")
@@ -46,13 +76,15 @@ class DKD(Method):
     with mdistiller's 1-based epochs).
     Defaults are mdistiller's CIFAR-100 ones (α=1, β=8, T=4, warm-up 20, loss weight 1); its
     per-pair configs lower β for some pairs (resnet56→20: 2; wrn-40-2→16-2 and vgg13→mbv2: 6).
+    `standardize: true` z-scores both logits per row first ("DKD + LS": the LS authors multiply α and β by
+    their KD weight, which is the term weight here, and use T = 2).
     """
 
     reference = "Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation. CVPR 2022"
     warmup_epochs = 20.0
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-                 warmup_epochs: float = 20.0) -> None:
+                 warmup_epochs: float = 20.0, standardize: bool = False) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"DKD temperature must be > 0, got {temperature}")
@@ -62,6 +94,7 @@ class DKD(Method):
         self.beta = beta
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
+        self.standardize = standardize
 
     def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Discrepancy:  # type: ignore[override]
         targets = batch.targets
@@ -71,12 +104,10 @@ class DKD(Method):
         if c < 2:
             raise ValueError(f"dkd needs at least 2 classes, got logits of width {c}")
         t = self.temperature
+        s, z_t = _logits(student, teacher, self.standardize)
         gt = F.one_hot(targets, c).bool()
-        tckd = _binary_kl(student.float() / t, teacher.float() / t, gt)
-        s_rest = student.float()[~gt].view(n, c - 1) / t
-        t_rest = teacher.float()[~gt].view(n, c - 1) / t
-        log_q_s, log_q_t = F.log_softmax(s_rest, dim=1), F.log_softmax(t_rest, dim=1)
-        nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)
+        tckd = _binary_kl(s / t, z_t / t, gt)
+        nckd = _kl_rows(s[~gt].view(n, c - 1), z_t[~gt].view(n, c - 1), t)
         return Discrepancy(torch.stack([self.alpha * tckd, self.beta * nckd], dim=1) * (t * t), sum_elements=True)
 
 
