@@ -1,4 +1,4 @@
-"""DKD, DIST and logit standardization: values against the papers' and authors' formulas written out per sample,
+"""DKD, DIST, logit standardization and MLKD: values against the papers' and authors' formulas written out per sample,
 batch means, warm-up, PAD refusal."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from padkd.context import StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.distiller import Term
 from padkd.errors import PadkdError
-from padkd.methods import DIST, DKD, KD, METHODS
+from padkd.methods import DIST, DKD, KD, METHODS, MLKD
 from padkd.validate import parse_checked
 from padkd.weightings import WEIGHTINGS
 
@@ -226,4 +226,73 @@ def test_ls_is_one_config_line(name: str) -> None:
     (term,) = cfg.stages[0].terms
     assert term.method.name == name.removesuffix("_ls") and term.method.options["standardize"] is True
     assert term.method.options["temperature"] == 2.0 and term.weight == 9.0  # the LS authors' base recipe
+
+# ------------------------------------------------------------------------------------------ MLKD
+
+
+def gram(rows: list[list[float]]) -> list[list[float]]:
+    return [[sum(a * b for a, b in zip(r, q, strict=True)) for q in rows] for r in rows]
+
+
+def transpose(rows: list[list[float]]) -> list[list[float]]:
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
+def mlkd_by_hand(s: torch.Tensor, t: torch.Tensor, temps: tuple[float, ...]) -> tuple[list[float], list[float], float]:
+    """Instance KL (× T²), batch-Gram rows and the class-Gram loss, summed over the temperatures, unmasked."""
+    n, c = s.shape
+    inst, rows, whole = [0.0] * n, [0.0] * n, 0.0
+    for temp in temps:
+        p = [softmax(r, temp) for r in s.tolist()]
+        q = [softmax(r, temp) for r in t.tolist()]
+        for i in range(n):
+            inst[i] += temp**2 * kl(q[i], p[i])
+        gp, gq = gram(p), gram(q)
+        for i in range(n):
+            rows[i] += sum((gq[i][j] - gp[i][j]) ** 2 for j in range(n))
+        mp, mq = gram(transpose(p)), gram(transpose(q))
+        whole += sum((mq[a][b] - mp[a][b]) ** 2 for a in range(c) for b in range(c)) / c
+    return inst, rows, whole
+
+
+def test_mlkd_parts_per_sample_and_the_authors_masked_loss() -> None:
+    temps = (2.0, 3.0, 4.0, 5.0, 6.0)
+    out = MLKD()(S, T, batch())
+    assert out.sum_elements and out.value.shape == (3, 3)
+    inst, rows, whole = mlkd_by_hand(S, T, temps)
+    # The teacher's confidences (max softmax) of the three samples, and the summed probability per class.
+    p_t = [softmax(r, 1.0) for r in T.tolist()]
+    conf = sorted(max(r) for r in p_t)
+    kept = sum(v <= conf[1] for v in conf) / 3  # the median of three values is the middle one: 2 of 3
+    per_class = sorted(sum(r[k] for r in p_t) for k in range(4))
+    kept_c = sum(v <= (per_class[1] + per_class[2]) / 2 for v in per_class) / 4  # 2 of 4
+    assert (kept, kept_c) == (2 / 3, 1 / 2)
+    np.testing.assert_allclose(out.value[:, 0].numpy(), kept * np.array(inst), rtol=1e-5)
+    np.testing.assert_allclose(out.value[:, 1].numpy(), kept * np.array(rows), rtol=1e-5)
+    np.testing.assert_allclose(out.value[:, 2].numpy(), [kept_c * whole] * 3, rtol=1e-5)
+    # The authors' loss (weak view): Σ_T [mean_i KD_i · f + Σ_ij ΔG² / B · f + Σ ΔM² / C · f_c].
+    expected = kept * sum(inst) / 3 + kept * sum(rows) / 3 + kept_c * whole
+    assert float(WEIGHTINGS.create("uniform", {})(out).loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mlkd_levels_mask_and_standardization() -> None:
+    inst, rows, _ = mlkd_by_hand(S, T, (4.0,))
+    d = MLKD(temperatures=(4.0,), levels=("batch", "instance"), mask="none")(S, T, batch())
+    np.testing.assert_allclose(d.value.numpy(), np.stack([inst, rows], axis=1), rtol=1e-5)  # instance first
+    ls = MLKD(temperatures=(4.0,), levels=("instance", "batch"), mask="none", standardize=True)(S, T, batch())
+    ls_inst = [16.0 * kl(softmax(z_score(b), 4.0), softmax(z_score(a), 4.0)) for a, b in zip(S.tolist(), T.tolist(),
+                                                                                              strict=True)]
+    np.testing.assert_allclose(ls.value[:, 0].numpy(), ls_inst, rtol=1e-5)
+    torch.testing.assert_close(ls.value[:, 1], d.value[:, 1])  # LS touches the instance part only
+    assert MLKD().unit == "batch" and MLKD(levels=("instance", "batch")).unit == "sample"
+    with pytest.raises(ValueError, match="levels"):
+        MLKD(levels=("instance", "instance"))
+    with pytest.raises(ValueError, match="temperatures"):
+        MLKD(temperatures=())
+
+
+def test_mlkd_class_part_is_refused_by_pad_at_config_check() -> None:
+    with pytest.raises(PadkdError, match=r"levels: \[instance, batch\]"):
+        parse_checked(_config({"name": "mlkd"}, {"name": "pad"}))
+    parse_checked(_config({"name": "mlkd", "levels": ["instance", "batch"]}, {"name": "pad", "mode": "per_sample"}))
 

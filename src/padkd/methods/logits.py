@@ -1,10 +1,12 @@
-"""Methods on the networks' outputs (logits): KD, DKD, DIST.
+"""Methods on the networks' outputs (logits): KD, DKD, DIST, MLKD.
 
-Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd` and `dkd`. See
+Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd`, `dkd` and `mlkd`. See
 docs/methods-logits-relations.md for the conventions chosen where public implementations disagree.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,6 +15,7 @@ from torch.nn import functional as F
 from padkd.batch import Batch
 from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
+from padkd.methods.features import _no_autocast
 
 #: The logit-standardization authors' epsilon (added to the unbiased standard deviation).
 LS_EPS = 1e-7
@@ -177,3 +180,78 @@ class DIST(Method):
                              "size >= 2; set intra: false for the per-sample part alone")
         intra = scale * self.gamma * (1 - _pearson(y_s.t(), y_t.t()).mean()).clamp_min(0)
         return Discrepancy(torch.stack([inter, intra.expand_as(inter)], dim=1), sum_elements=True)
+
+# ------------------------------------------------------------------------------------------------ MLKD
+
+MLKD_LEVELS = ("instance", "batch", "class")
+
+
+def _median_fraction(x: Tensor) -> Tensor:
+    """The fraction of the entries of `x` at most their median (linear interpolation, as numpy's percentile)."""
+    return (x <= x.quantile(0.5)).float().mean()
+
+
+@METHODS.register("mlkd")
+class MLKD(Method):
+    """Multi-level logit distillation: instance, batch and class alignment of predictions at several temperatures.
+
+    With `p_i = softmax(s_i/T)`, `q_i = softmax(t_i/T)`, the batch's prediction matrices P, Q `[B, C]` and
+    the temperatures 𝒯 (default 2, 3, 4, 5, 6, the authors' five), the parts of sample i, in this order
+    (elements that add up, those of `levels`):
+    - instance: `Σ_T T² KL(q_i ‖ p_i)`;
+    - batch: row i of the batch alignment `Σ_T Σ_j ((QQᵀ)_ij − (PPᵀ)_ij)²` (B×B Gram matrices of the
+      predictions, no T²); the batch mean of the rows is the authors' `Σ_ij (·)² / B`, and a pair (i, j)
+      counts in rows i and j;
+    - class: `Σ_T Σ_cc' ((QᵀQ)_cc' − (PᵀP)_cc')² / C` (C×C Gram matrices, no T²), a statistic of the batch
+      that no sample owns, repeated on every row: with it the method is batch-level (`uniform` only).
+    `mask: code` is the authors' released confidence masking: the instance and batch parts are multiplied
+    by the fraction of the batch whose teacher confidence `max_c softmax(t_i)` is at most the batch median,
+    the class part by the fraction of classes whose summed teacher probability is at most their median
+    (their mask multiplies losses already averaged over the batch, so it scales by ≈ ½ rather than
+    selecting samples); `mask: none` leaves the parts unscaled. `standardize` z-scores the logits of the
+    instance part only, as the logit-standardization authors' MLKD does. This is the authors' loss on the
+    training view alone: their strong-augmentation terms need a second augmented view of each batch.
+    """
+
+    reference = "Jin, Wang, Lin. Multi-Level Logit Distillation. CVPR 2023"
+    default_weight = 0.9  # the authors' KD_WEIGHT (beside cross-entropy 0.1)
+    unit = "batch"
+    per_sample_fix = "set the method's levels: [instance, batch] for its per-sample parts alone"
+
+    def __init__(self, temperatures: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0),
+                 levels: tuple[Literal["instance", "batch", "class"], ...] = MLKD_LEVELS,
+                 mask: Literal["code", "none"] = "code", standardize: bool = False) -> None:
+        super().__init__()
+        if not temperatures or min(temperatures) <= 0:
+            raise ValueError(f"mlkd: temperatures must be a non-empty list of values > 0, got {list(temperatures)}")
+        if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(MLKD_LEVELS):
+            raise ValueError(f"mlkd: levels must be distinct values of {list(MLKD_LEVELS)}, got {list(levels)}")
+        self.temperatures = tuple(temperatures)
+        self.levels = [level for level in MLKD_LEVELS if level in levels]
+        self.mask = mask
+        self.standardize = standardize
+        self.unit = "batch" if "class" in self.levels else "sample"
+
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Discrepancy:  # type: ignore[override]
+        s, t = student.float(), teacher.float()
+        n, c = s.shape
+        if self.mask == "code":
+            p_t = F.softmax(t, dim=1)
+            kept_samples, kept_classes = _median_fraction(p_t.amax(dim=1)), _median_fraction(p_t.sum(dim=0))
+        else:
+            kept_samples = kept_classes = torch.ones((), device=s.device)
+        parts: dict[str, Tensor] = {}
+        if "instance" in self.levels:
+            zs, zt = _logits(student, teacher, self.standardize)
+            parts["instance"] = kept_samples * sum(_kl_rows(zs, zt, temp) * temp**2 for temp in self.temperatures)
+        if "batch" in self.levels or "class" in self.levels:
+            rows, whole = s.new_zeros(n), s.new_zeros(())
+            with _no_autocast(s):
+                for temp in self.temperatures:
+                    p, q = F.softmax(s / temp, dim=1), F.softmax(t / temp, dim=1)
+                    rows = rows + (q @ q.t() - p @ p.t()).pow(2).sum(dim=1)
+                    whole = whole + (q.t() @ q - p.t() @ p).pow(2).sum() / c
+            parts["batch"] = kept_samples * rows
+            parts["class"] = (kept_classes * whole).expand(n)
+        return Discrepancy(torch.stack([parts[level] for level in self.levels], dim=1), sum_elements=True)
+
