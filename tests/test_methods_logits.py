@@ -1,5 +1,5 @@
-"""DKD, DIST, logit standardization and MLKD: values against the papers' and authors' formulas written out per sample,
-batch means, warm-up, PAD refusal."""
+"""DKD, DIST, logit standardization, MLKD and CTKD: values against the papers' and authors' formulas written out
+per sample, batch means, warm-up, the CTKD curriculum and gradient reversal, PAD refusal."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from padkd.context import StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.distiller import Term
 from padkd.errors import PadkdError
-from padkd.methods import DIST, DKD, KD, METHODS, MLKD
+from padkd.methods import CTKD, DIST, DKD, KD, METHODS, MLKD
 from padkd.validate import parse_checked
 from padkd.weightings import WEIGHTINGS
 
@@ -295,4 +295,103 @@ def test_mlkd_class_part_is_refused_by_pad_at_config_check() -> None:
     with pytest.raises(PadkdError, match=r"levels: \[instance, batch\]"):
         parse_checked(_config({"name": "mlkd"}, {"name": "pad"}))
     parse_checked(_config({"name": "mlkd", "levels": ["instance", "batch"]}, {"name": "pad", "mode": "per_sample"}))
+
+# ------------------------------------------------------------------------------------------ CTKD
+
+
+def test_ctkd_curriculum_is_a_pure_function_of_the_step() -> None:
+    from padkd.methods.logits import curriculum_lambda
+
+    def lam(step: int, kind: str = "cosine", steps: int = 100) -> float:
+        return float(curriculum_lambda(torch.tensor(step), steps, kind, 1.0))
+
+    assert [lam(s) for s in (0, 50, 100, 250)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    assert [lam(s, "linear") for s in (0, 25, 100, 200)] == pytest.approx([0.0, 0.25, 1.0, 1.0])
+    # The authors' cosine value at 1-based epoch i of a 10-epoch curriculum, reached after i epochs of steps.
+    for i in range(1, 11):
+        assert lam(i * 782, steps=7820) == pytest.approx((1 - math.cos(i * math.pi / 10)) / 2, abs=1e-6)
+    assert lam(0, steps=0) == 1.0
+    assert float(curriculum_lambda(torch.tensor(50), 100, "cosine", 0.4)) == pytest.approx(0.2)
+
+
+def test_ctkd_global_temperature_per_sample_and_its_reversed_gradient() -> None:
+    ctkd = CTKD(curriculum_steps=10)
+    ctkd.train()
+    with torch.no_grad():
+        ctkd.theta.fill_(0.3)
+        ctkd.steps.fill_(5)  # half-way: λ = 1/2
+    s = S.clone().requires_grad_(True)
+    d = ctkd(s, T, batch())
+    tau = 1.0 + 20.0 / (1.0 + math.exp(-0.3))
+    for i in range(3):  # fp32 log-softmax differences at τ ≈ 12: agreement to 1e-4 relative
+        expected = tau**2 * kl(softmax(T[i].tolist(), tau), softmax(S[i].tolist(), tau))
+        assert float(d[i].detach()) == pytest.approx(expected, rel=1e-4)
+    assert int(ctkd.steps) == 6  # one training forward
+    d.sum().backward()
+    # Without reversal, d(loss)/dθ by central differences of the same loss at θ ± h.
+    def loss_at(theta: float) -> float:
+        t = 1.0 + 20.0 / (1.0 + math.exp(-theta))
+        return sum(t**2 * kl(softmax(T[i].tolist(), t), softmax(S[i].tolist(), t)) for i in range(3))
+
+    h = 1e-4
+    slope = (loss_at(0.3 + h) - loss_at(0.3 - h)) / (2 * h)
+    assert float(ctkd.theta.grad) == pytest.approx(-0.5 * slope, rel=1e-3)  # reversed, times λ
+    s2 = S.clone().requires_grad_(True)
+    KD(temperature=tau)(s2, T, batch()).sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-4, atol=1e-6)  # the student sees plain KD at τ
+
+
+def test_ctkd_temperature_climbs_the_loss_while_the_student_descends_it() -> None:
+    ctkd = CTKD(curriculum_steps=0)  # λ = 1 from the first step
+    ctkd.train()
+    s = torch.nn.Parameter(S.clone())
+    opt = torch.optim.SGD([s, *ctkd.parameters()], lr=0.5)
+    theta0 = float(ctkd.theta.detach())
+    before = float(ctkd(s, T, batch()).mean().detach())
+    opt.zero_grad()
+    ctkd(s, T, batch()).mean().backward()
+    opt.step()
+    ctkd.eval()
+    with torch.no_grad():
+        after_student = float(KD(temperature=1.0 + 20.0 / (1.0 + math.exp(-theta0)))(s, T, batch()).mean())
+        new_theta = float(ctkd(S, T, batch()).mean())  # the new θ on the old student
+    # The student's step lowered the loss at the old temperature; θ's step raised it for the old student.
+    assert after_student < before < new_theta and float(ctkd.theta.detach()) != theta0
+
+
+def test_ctkd_instance_mode_starts_at_the_global_temperature_and_trains_its_mlp() -> None:
+    from padkd.context import BuildContext, DataInfo
+
+    ctkd = CTKD(mode="instance", curriculum_steps=0, hidden=8)
+    ctx = BuildContext(student=S, teacher=T, batch=batch(), data=DataInfo(n_train=3), world_size=1,
+                       student_model=torch.nn.Linear(1, 1), teacher_model=torch.nn.Linear(1, 1))
+    ctkd.build(ctx)
+    ctkd.train()
+    d = ctkd(S.clone().requires_grad_(True), T, batch())
+    torch.testing.assert_close(d, CTKD()(S, T, batch()))  # every sample at τ0 = 1 + 20 sigmoid(1)
+    d.sum().backward()
+    assert ctkd.mlp is not None and ctkd.mlp[2].weight.grad.abs().sum() > 0
+    assert set(ctkd.state_dict()) == {"steps", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+
+
+def test_ctkd_temperature_has_its_own_group_and_is_checkpointed() -> None:
+    from padkd.distiller import Distiller
+
+    student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    distiller = Distiller(student, teacher, [Term("ctkd", CTKD(), lr_scale=0.5)])
+    distiller.prepare(Batch(inputs=torch.randn(5, 4), targets=torch.tensor([0, 1, 2, 0, 1]), index=torch.arange(5)))
+    groups = {g["name"]: g for g in distiller.param_groups()}
+    assert groups["ctkd"]["params"] == [distiller.terms[0].method.theta] and groups["ctkd"]["lr_scale"] == 0.5
+    distiller.train()
+    distiller(Batch(inputs=torch.randn(5, 4), targets=torch.tensor([0, 1, 2, 0, 1]), index=torch.arange(5)))
+    state = distiller.terms_state_dict()
+    assert {"0.method.theta", "0.method.steps"} <= set(state) and int(state["0.method.steps"]) == 1
+
+
+def test_ctkd_with_logit_standardization() -> None:
+    tau = 1.0 + 20.0 / (1.0 + math.exp(-1.0))
+    d = CTKD(standardize=True)(S, T, batch()).detach()
+    for i in range(3):
+        p_s, p_t = softmax(z_score(S[i].tolist()), tau), softmax(z_score(T[i].tolist()), tau)
+        assert float(d[i]) == pytest.approx(tau**2 * kl(p_t, p_s), rel=1e-4)  # τ ≈ 15.6: fp32 rounding
 

@@ -1,18 +1,21 @@
-"""Methods on the networks' outputs (logits): KD, DKD, DIST, MLKD.
+"""Methods on the networks' outputs (logits): KD, DKD, DIST, MLKD, CTKD.
 
-Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd`, `dkd` and `mlkd`. See
-docs/methods-logits-relations.md for the conventions chosen where public implementations disagree.
+Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd`, `dkd`, `mlkd` and
+`ctkd`. See docs/methods-logits-relations.md for the conventions chosen where public implementations
+disagree.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from padkd.batch import Batch
+from padkd.context import BuildContext
 from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
 from padkd.methods.features import _no_autocast
@@ -254,4 +257,96 @@ class MLKD(Method):
             parts["batch"] = kept_samples * rows
             parts["class"] = (kept_classes * whole).expand(n)
         return Discrepancy(torch.stack([parts[level] for level in self.levels], dim=1), sum_elements=True)
+
+# ------------------------------------------------------------------------------------------------ CTKD
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by -λ (gradient reversal, Ganin & Lempitsky)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, lam: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(lam)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (lam,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return -lam.to(grad.dtype) * grad, None
+
+
+def curriculum_lambda(step: Tensor, steps: int, kind: Literal["cosine", "linear"], lambda_max: float) -> Tensor:
+    """CTKD's λ after `step` training steps: from 0 to `lambda_max` over `steps` steps, by `(1 − cos πx) / 2`
+    (cosine) or `x` (linear), `x = min(step / steps, 1)`. The curriculum's one formula, a pure function of the step."""
+    x = (step.float() / steps).clamp(0.0, 1.0) if steps > 0 else torch.ones_like(step, dtype=torch.float32)
+    return lambda_max * ((1 - torch.cos(math.pi * x)) / 2 if kind == "cosine" else x)
+
+
+@METHODS.register("ctkd")
+class CTKD(Method):
+    """Curriculum temperature KD: KD at a learned temperature that is trained adversarially, to raise the loss.
+
+    Sample i's discrepancy is `τ_i² KL(softmax(t_i/τ_i) ‖ softmax(s_i/τ_i))`, KD at the temperature
+    `τ = min_temperature + temperature_range · sigmoid(θ)` that the method's own module gives: one
+    parameter θ for every sample (`mode: global`, the authors' `Global_T`, θ starting at `init`), or a
+    two-layer MLP of the sample's detached logits `[s_i, t_i]` (`mode: instance`), whose output layer starts
+    at zero weight and bias `init`, so every sample starts at the global τ. A gradient reversal sits between
+    θ and the loss: the optimizer's descent on the loss is an ascent for θ, scaled by λ, which the curriculum
+    raises from 0 to `lambda_max` over `curriculum_steps` training steps (`curriculum_lambda`). The module
+    trains in the term's parameter group (its `lr_scale` sets its LR) and is saved in checkpoints with the
+    step counter that the curriculum reads. `standardize` z-scores both logits first (CTKD + LS).
+    """
+
+    reference = ("Li, Li, Yang, Zhao, Song, Luo, Li, Yang. Curriculum Temperature for Knowledge Distillation. "
+                 "AAAI 2023")
+    default_weight = 0.9  # the authors' KD weight (-a 0.9) beside cross-entropy 0.1
+
+    def __init__(self, mode: Literal["global", "instance"] = "global",
+                 curriculum: Literal["cosine", "linear"] = "cosine", lambda_max: float = 1.0,
+                 curriculum_steps: int = 7820, min_temperature: float = 1.0, temperature_range: float = 20.0,
+                 init: float = 1.0, hidden: int = 128, standardize: bool = False) -> None:
+        super().__init__()
+        if min_temperature <= 0 or temperature_range <= 0:
+            raise ValueError(f"ctkd: min_temperature and temperature_range must be > 0, got {min_temperature}, "
+                             f"{temperature_range}")
+        if lambda_max < 0 or curriculum_steps < 0 or hidden < 1:
+            raise ValueError(f"ctkd: need lambda_max >= 0, curriculum_steps >= 0 and hidden >= 1, got {lambda_max}, "
+                             f"{curriculum_steps}, {hidden}")
+        self.mode = mode
+        self.curriculum = curriculum
+        self.lambda_max = lambda_max
+        self.curriculum_steps = curriculum_steps
+        self.min_temperature = min_temperature
+        self.temperature_range = temperature_range
+        self.init = init
+        self.hidden = hidden
+        self.standardize = standardize
+        self.theta = nn.Parameter(torch.full((1,), float(init))) if mode == "global" else None
+        self.mlp: nn.Module | None = None
+        #: Training forwards so far: the position the curriculum reads (until the engine's stage clock).
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def build(self, ctx: BuildContext) -> None:
+        if self.mode == "instance" and self.mlp is None:
+            classes = ctx.student.shape[1]
+            self.mlp = nn.Sequential(nn.Linear(2 * classes, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.constant_(self.mlp[2].bias, self.init)
+
+    def _position(self) -> Tensor:
+        """The training position the λ curriculum reads: the one place to wire to the stage clock."""
+        return self.steps
+
+    def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
+        s, t = _logits(student, teacher, self.standardize)
+        lam = curriculum_lambda(self._position(), self.curriculum_steps, self.curriculum, self.lambda_max)
+        if self.training:
+            self.steps += 1
+        if self.mlp is not None:
+            theta = self.mlp(torch.cat([s, t], dim=1).detach()).float().squeeze(1)
+        else:
+            assert self.theta is not None, "ctkd: build(ctx) must run before the first forward"
+            theta = self.theta.float()
+        tau = self.min_temperature + self.temperature_range * torch.sigmoid(_ReverseGradient.apply(theta, lam))
+        return _kl_rows(s, t, tau.unsqueeze(1)) * tau.pow(2)
 
