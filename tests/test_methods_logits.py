@@ -1,5 +1,5 @@
-"""DKD, DIST, logit standardization, MLKD and CTKD: values against the papers' and authors' formulas written out
-per sample, batch means, warm-up, the CTKD curriculum and gradient reversal, PAD refusal."""
+"""DKD, DIST, logit standardization, MLKD, CTKD and DIST+: values against the papers' and authors' formulas written
+out per sample, batch means, warm-up, the CTKD curriculum and gradient reversal, PAD refusal."""
 
 from __future__ import annotations
 
@@ -227,6 +227,7 @@ def test_ls_is_one_config_line(name: str) -> None:
     assert term.method.name == name.removesuffix("_ls") and term.method.options["standardize"] is True
     assert term.method.options["temperature"] == 2.0 and term.weight == 9.0  # the LS authors' base recipe
 
+
 # ------------------------------------------------------------------------------------------ MLKD
 
 
@@ -295,6 +296,7 @@ def test_mlkd_class_part_is_refused_by_pad_at_config_check() -> None:
     with pytest.raises(PadkdError, match=r"levels: \[instance, batch\]"):
         parse_checked(_config({"name": "mlkd"}, {"name": "pad"}))
     parse_checked(_config({"name": "mlkd", "levels": ["instance", "batch"]}, {"name": "pad", "mode": "per_sample"}))
+
 
 # ------------------------------------------------------------------------------------------ CTKD
 
@@ -395,3 +397,62 @@ def test_ctkd_with_logit_standardization() -> None:
         p_s, p_t = softmax(z_score(S[i].tolist()), tau), softmax(z_score(T[i].tolist()), tau)
         assert float(d[i]) == pytest.approx(tau**2 * kl(p_t, p_s), rel=1e-4)  # τ ≈ 15.6: fp32 rounding
 
+
+# ----------------------------------------------------------------------------------------- DIST+
+
+# Maps of the three samples: 3 channels on 2x2 locations on both sides (seeded, no constant location).
+FS, FT = torch.randn(2, 3, 3, 2, 2, generator=torch.Generator().manual_seed(0)).unbind(0)
+
+
+def dist_plus_by_hand(fs: torch.Tensor, ft: torch.Tensor) -> tuple[list[float], float, list[float]]:
+    """torchdistill's channel correlations (mean over locations, per sample), its spatial relation, and
+    1 − ρ per sample: the channel Pearson at each location over channels, the spatial one over the batch."""
+    n, _, h, w = fs.shape
+    rho = [np.mean([np.corrcoef(fs[i, :, y, x], ft[i, :, y, x])[0, 1] for y in range(h) for x in range(w)])
+           for i in range(n)]
+    agg_s, agg_t = fs.sum(1).numpy(), ft.sum(1).numpy()
+    rho_hw = [np.corrcoef(agg_s[:, y, x], agg_t[:, y, x])[0, 1] for y in range(h) for x in range(w)]
+    return rho, 1 - float(np.mean(rho_hw)), [1 - r for r in rho]
+
+
+def test_dist_plus_parts_per_sample_match_torchdistills_formula() -> None:
+    fs, ft = FS, FT
+    rho, spatial, channel = dist_plus_by_hand(fs, ft)
+    inter, intra = dist_by_hand(S, T, 1.0)
+    method = METHODS.build("dist_plus", {})
+    d = method([S, fs], [T, ft], batch())
+    assert d.sum_elements and d.value.shape == (3, 4) and method.unit == "batch"
+    expected = np.stack([2.0 * np.array(inter), [2.0 * intra] * 3, channel, [spatial] * 3], axis=1)
+    np.testing.assert_allclose(d.value.numpy(), expected, rtol=1e-4, atol=1e-6)
+    # torchdistill's DISTPlusLoss: β τ²(1 − mean ρ_i) + γ τ²(1 − mean ρ_c) + ι mean ρ_channel + κ spatial.
+    torchdistill = 2.0 * np.mean(inter) + 2.0 * intra + np.mean(rho) + spatial
+    signed = METHODS.build("dist_plus", {"channel_sign": "torchdistill"})([S, fs], [T, ft], batch())
+    np.testing.assert_allclose(signed.value[:, 2].numpy(), [1 + r for r in rho], rtol=1e-4)
+    loss = float(WEIGHTINGS.build("uniform", {})(signed).loss)
+    assert loss == pytest.approx(torchdistill + 1.0, rel=1e-4)  # the same loss, 1 apart (ι · 1)
+
+
+def test_dist_plus_per_sample_variant_and_connector() -> None:
+    from padkd.context import BuildContext, DataInfo
+
+    method = METHODS.build("dist_plus", {"intra": False, "spatial": False, "tau": 4.0, "beta": 1.0, "iota": 0.5})
+    assert method.unit == "sample"
+    wide = FT.repeat(1, 2, 1, 1)
+    ctx = BuildContext(student=[S, FS], teacher=[T, wide], batch=batch(), data=DataInfo(n_train=3),
+                       world_size=1, student_model=torch.nn.Linear(1, 1), teacher_model=torch.nn.Linear(1, 1))
+    method.build(ctx)  # 3 student channels, 6 teacher channels: a 1x1 conv + BN connector
+    assert isinstance(method.connector, torch.nn.Sequential)
+    method.eval()
+    with torch.no_grad():
+        d = method([S, FS], [T, wide], batch()).value
+    inter, _ = dist_by_hand(S, T, 4.0)
+    np.testing.assert_allclose(d[:, 0].numpy(), inter, rtol=1e-4)
+    with torch.no_grad():
+        mapped = method.connector(FS)
+    np.testing.assert_allclose(d[:, 1].numpy(), 0.5 * np.array(dist_plus_by_hand(mapped, wide)[2]),
+                               rtol=1e-4, atol=1e-6)
+    none = METHODS.build("dist_plus", {"connector": "none"})
+    with pytest.raises(ValueError, match="connector"):
+        none.build(ctx)
+    with pytest.raises(ValueError, match=r"\[logits, feature map\]"):
+        method(S, T, batch())

@@ -1,4 +1,4 @@
-"""Methods on the networks' outputs (logits): KD, DKD, DIST, MLKD, CTKD.
+"""Methods on the networks' outputs (logits): KD, DKD, DIST, MLKD, CTKD, and DIST+ (logits and one map).
 
 Logit standardization (Sun et al., CVPR 2024) is an option (`standardize`) of `kd`, `dkd`, `mlkd` and
 `ctkd`. See docs/methods-logits-relations.md for the conventions chosen where public implementations
@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from padkd.batch import Batch
-from padkd.context import BuildContext
+from padkd.context import BuildContext, Features
 from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
-from padkd.methods.features import _no_autocast
+from padkd.methods.features import _common_size, _he_connector, _no_autocast
 
 #: The logit-standardization authors' epsilon (added to the unbiased standard deviation).
 LS_EPS = 1e-7
@@ -136,6 +136,23 @@ def _pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
+def _dist_relations(student: Tensor, teacher: Tensor, tau: float, beta: float, gamma: float, intra: bool,
+                    name: str) -> list[Tensor]:
+    """DIST's parts on logits, each `[B]` and scaled by τ² and its coefficient: the per-sample inter-class
+    relation and, with `intra`, the batch's intra-class relation repeated on every row."""
+    scale = tau * tau
+    y_s = F.softmax(student.float() / tau, dim=1)
+    y_t = F.softmax(teacher.float() / tau, dim=1)
+    inter = scale * beta * (1 - _pearson(y_s, y_t)).clamp_min(0)
+    if not intra:
+        return [inter]
+    if y_s.shape[0] < 2:
+        raise ValueError(f"{name}: the intra-class relation correlates classes over the batch and needs batch "
+                         "size >= 2; set intra: false for the per-sample part alone")
+    intra_part = scale * gamma * (1 - _pearson(y_s.t(), y_t.t()).mean()).clamp_min(0)
+    return [inter, intra_part.expand_as(inter)]
+
+
 @METHODS.register("dist")
 class DIST(Method):
     """DIST: relations of softmax(·/τ) predictions, by Pearson correlation instead of KL.
@@ -172,17 +189,9 @@ class DIST(Method):
         self.unit = "batch" if intra else "sample"
 
     def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor | Discrepancy:  # type: ignore[override]
-        scale = self.tau * self.tau
-        y_s = F.softmax(student.float() / self.tau, dim=1)
-        y_t = F.softmax(teacher.float() / self.tau, dim=1)
-        inter = scale * self.beta * (1 - _pearson(y_s, y_t)).clamp_min(0)
-        if not self.intra:
-            return inter
-        if y_s.shape[0] < 2:
-            raise ValueError("dist: the intra-class relation correlates classes over the batch and needs batch "
-                             "size >= 2; set intra: false for the per-sample part alone")
-        intra = scale * self.gamma * (1 - _pearson(y_s.t(), y_t.t()).mean()).clamp_min(0)
-        return Discrepancy(torch.stack([inter, intra.expand_as(inter)], dim=1), sum_elements=True)
+        parts = _dist_relations(student, teacher, self.tau, self.beta, self.gamma, self.intra, "dist")
+        return parts[0] if len(parts) == 1 else Discrepancy(torch.stack(parts, dim=1), sum_elements=True)
+
 
 # ------------------------------------------------------------------------------------------------ MLKD
 
@@ -257,6 +266,7 @@ class MLKD(Method):
             parts["batch"] = kept_samples * rows
             parts["class"] = (kept_classes * whole).expand(n)
         return Discrepancy(torch.stack([parts[level] for level in self.levels], dim=1), sum_elements=True)
+
 
 # ------------------------------------------------------------------------------------------------ CTKD
 
@@ -350,3 +360,92 @@ class CTKD(Method):
         tau = self.min_temperature + self.temperature_range * torch.sigmoid(_ReverseGradient.apply(theta, lam))
         return _kl_rows(s, t, tau.unsqueeze(1)) * tau.pow(2)
 
+
+# ------------------------------------------------------------------------------------------------ DIST+
+
+
+def _channel_pearson(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    """Pearson correlation across the channels of two maps at each sample and location: `[B, H, W]`."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / ((a.pow(2).sum(dim=1) * b.pow(2).sum(dim=1)).sqrt() + eps)
+
+
+@METHODS.register("dist_plus")
+class DISTPlus(Method):
+    """DIST+ as torchdistill implements it (`DISTPlusLoss`): DIST on the logits plus two relations of a feature map.
+
+    Taps `[logits, map]` on each side. Parts of sample i, in this order (elements that add up):
+    DIST's inter-class `τ² β (1 − ρ_i)` and, with `intra`, its intra-class part (batch-level); the channel
+    relation `ι · mean_hw (1 − ρ_ihw)`, ρ_ihw the Pearson correlation across channels of the student's and
+    teacher's maps at location (h, w) of sample i; with `spatial`, the spatial relation
+    `κ · (1 − mean_hw ρ_hw)`, ρ_hw the correlation *over the batch* of the channel-summed maps at (h, w),
+    which no sample owns (repeated on every row; the method is then batch-level). torchdistill adds
+    `+ι · mean ρ` for the channel relation, which rewards anti-correlation; `channel_sign: torchdistill`
+    gives `ι · mean_hw (1 + ρ_ihw)`, the same gradients (a constant 1 apart, so that it stays >= 0).
+    The student's map goes through a 1x1 conv + BN to the teacher's width where the widths differ
+    (`connector: auto`, a padkd extension); maps of different sizes are pooled to the smaller one.
+    Defaults: torchdistill's ImageNet sample (β = γ = 2, ι = κ = 1, τ = 1, weight 2), eps 1e-8.
+    """
+
+    reference = ("Huang, You, Wang, Qian, Xu. DIST+: Knowledge Distillation From a Stronger Adaptive Teacher. "
+                 "TPAMI 2025 (torchdistill's DISTPlusLoss)")
+    default_weight = 2.0  # torchdistill's ImageNet sample config
+    unit = "batch"
+    per_sample_fix = ("set the method's intra: false and spatial: false for its per-sample parts (inter-class and "
+                      "channel relations) alone")
+
+    def __init__(self, beta: float = 2.0, gamma: float = 2.0, iota: float = 1.0, kappa: float = 1.0,
+                 tau: float = 1.0, eps: float = 1e-8, intra: bool = True, spatial: bool = True,
+                 channel_sign: Literal["distance", "torchdistill"] = "distance",
+                 connector: Literal["auto", "none"] = "auto") -> None:
+        super().__init__()
+        if tau <= 0 or eps <= 0 or min(beta, gamma, iota, kappa) < 0:
+            raise ValueError(f"dist_plus: need tau > 0, eps > 0 and beta, gamma, iota, kappa >= 0, got tau {tau}, "
+                             f"eps {eps}, {beta}, {gamma}, {iota}, {kappa}")
+        self.beta, self.gamma, self.iota, self.kappa = beta, gamma, iota, kappa
+        self.tau = tau
+        self.eps = eps
+        self.intra = intra
+        self.spatial = spatial
+        self.channel_sign = channel_sign
+        self.connector_kind = connector
+        self.connector: nn.Module = nn.Identity()
+        self.unit = "batch" if intra or spatial else "sample"
+
+    @classmethod
+    def example_features(cls, batch_size: int, generator: torch.Generator) -> tuple[Features, Features]:
+        g = generator
+        return ([torch.randn(batch_size, 10, generator=g), torch.randn(batch_size, 4, 6, 6, generator=g)],
+                [torch.randn(batch_size, 10, generator=g), torch.randn(batch_size, 8, 3, 3, generator=g)])
+
+    @staticmethod
+    def _split(x: Features, role: str) -> tuple[Tensor, Tensor]:
+        """`[logits, map]` of one side, checked."""
+        if not isinstance(x, (list, tuple)) or len(x) != 2 or x[0].dim() != 2 or x[1].dim() != 4:
+            shapes = [tuple(v.shape) for v in x] if isinstance(x, (list, tuple)) else type(x).__name__
+            raise ValueError(f"dist_plus reads [logits, feature map] on each side, the {role} gave {shapes}: tap "
+                             "e.g. [logits, stage3]")
+        return x[0], x[1]
+
+    def build(self, ctx: BuildContext) -> None:
+        (_, fs), (_, ft) = self._split(ctx.student, "student"), self._split(ctx.teacher, "teacher")
+        cs, ct = fs.shape[1], ft.shape[1]
+        if cs != ct and self.connector_kind == "none":
+            raise ValueError(f"dist_plus: the student's map has {cs} channels and the teacher's {ct}, and "
+                             "connector='none'; set connector: auto")
+        self.connector = _he_connector(cs, ct, batchnorm=True) if cs != ct else nn.Identity()
+
+    def forward(self, student: Features, teacher: Features, batch: Batch) -> Discrepancy:  # type: ignore[override]
+        (zs, fs), (zt, ft) = self._split(student, "student"), self._split(teacher, "teacher")
+        parts = _dist_relations(zs, zt, self.tau, self.beta, self.gamma, self.intra, "dist_plus")
+        fs, ft = _common_size(self.connector(fs).float(), ft.float())
+        rho = _channel_pearson(fs, ft, self.eps).flatten(1)
+        parts.append(self.iota * (1 - rho if self.channel_sign == "distance" else 1 + rho).mean(dim=1).clamp_min(0))
+        if self.spatial:
+            if fs.shape[0] < 2:
+                raise ValueError("dist_plus: the spatial relation correlates locations over the batch and needs batch "
+                                 "size >= 2; set spatial: false (and intra: false) for the per-sample parts alone")
+            rho_hw = _pearson(fs.sum(dim=1).flatten(1).t(), ft.sum(dim=1).flatten(1).t(), self.eps)
+            parts.append((self.kappa * (1 - rho_hw.mean()).clamp_min(0)).expand_as(parts[0]))
+        return Discrepancy(torch.stack(parts, dim=1), sum_elements=True)
