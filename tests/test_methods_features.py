@@ -1,5 +1,5 @@
-"""Feature-map methods AT, NST, AB, FT, FSP, VID against their papers' formulas, written out here per sample
-(loops and einsums), and their batch means against the reference implementations' batch losses."""
+"""Feature-map methods AT, NST, AB, FT, FSP, VID and ReviewKD against their papers' formulas, written out here
+per sample (loops and einsums), and their batch means against the reference implementations' batch losses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.config import load_config
@@ -422,10 +423,86 @@ def test_vid_variance_learns_through_the_unweighted_part() -> None:
     assert vid.log_scales[0].grad is not None and (vid.log_scales[0].grad > 0).all()
 
 
+# ------------------------------------------------------------------------------------------ ReviewKD
+
+
+def block_mean(x: Tensor, size: int) -> Tensor:
+    """Average pooling of a square map to `size` x `size` by block means (the map's side a multiple of size)."""
+    b, c, h, _ = x.shape
+    k = h // size
+    return x.reshape(b, c, size, k, size, k).mean(dim=(3, 5))
+
+
+@pytest.mark.parametrize(("side", "weights"), [(8, {8: 1, 4: 1 / 2, 2: 1 / 4, 1: 1 / 8}),
+                                               (4, {4: 1, 2: 1 / 2, 1: 1 / 4}), (2, {2: 1, 1: 1 / 2}), (1, {1: 1})])
+def test_hcl_weights_the_pooled_levels_as_the_authors(side: int, weights: dict[int, float]) -> None:
+    from padkd.methods.reviewkd import hcl
+
+    fs, ft = maps(4, (B, 3, side, side), (B, 3, side, side))
+    got = hcl(fs, ft)
+    for i in range(B):
+        total = sum(w * float(((block_mean(fs, k) - block_mean(ft, k))[i] ** 2).mean()) for k, w in weights.items())
+        assert float(got[i]) == pytest.approx(total / sum(weights.values()), rel=1e-5)
+
+
+def authors_review_loss(method: Method, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """The ReviewKD authors' forward and loss, written out: fuse from the deepest level up (the deeper result
+    resized to each level, mixed by the two attention maps, resized to the teacher's size), then the sum over
+    levels of `hcl` with batch-mean squared errors."""
+    xs = [x if x.dim() == 4 else x[:, :, None, None] for x in student][::-1]
+    ts = [x if x.dim() == 4 else x[:, :, None, None] for x in teacher]
+    results: list[Tensor] = []
+    residual = None
+    for k, (x, abf) in enumerate(zip(xs, method.abfs, strict=True)):
+        n, _, h, w = x.shape
+        y = abf.conv1(x)
+        if k > 0:
+            r = F.interpolate(residual, (h, w), mode="nearest")
+            z = abf.att(torch.cat([y, r], dim=1))
+            y = y * z[:, 0].view(n, 1, h, w) + r * z[:, 1].view(n, 1, h, w)
+        size = ts[len(ts) - 1 - k].shape[-2:]
+        if y.shape[-2:] != size:
+            y = F.interpolate(y, size, mode="nearest")
+        results.insert(0, abf.conv2(y))
+        residual = y
+    loss = torch.zeros(())
+    for fs, ft in zip(results, ts, strict=True):
+        level, cnt, tot = F.mse_loss(fs, ft), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[2]:
+                continue
+            cnt /= 2.0
+            level = level + F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size)) * cnt
+            tot += cnt
+        loss = loss + level / tot
+    return loss
+
+
+def test_reviewkd_uniform_equals_the_authors_loss() -> None:
+    s = [*maps(5, (B, 4, 8, 8), (B, 6, 4, 4), (B, 8, 2, 2)), maps(6, (B, 8))[0]]  # the last: a pooled [B, C]
+    t = [*maps(7, (B, 5, 8, 8), (B, 7, 4, 4), (B, 9, 1, 1)), maps(8, (B, 9))[0]]
+    method = built(METHODS.build("reviewkd", {"max_mid_channels": 6}, "r"), s, t)
+    assert [abf.att is None for abf in method.abfs] == [True, False, False, False]  # the deepest has no fusion
+    assert [abf.conv1[0].out_channels for abf in method.abfs] == [6] * 4  # min(6, 8 channels of the deepest)
+    assert [abf.conv2[0].out_channels for abf in method.abfs] == [9, 9, 7, 5]
+    method.eval()
+    with torch.no_grad():
+        d = Discrepancy.of(method(s, t, batch()))
+        assert d.sum_elements and d.value.shape == (B, 4)
+        torch.testing.assert_close(uniform(d), authors_review_loss(method, s, t), rtol=1e-5, atol=1e-6)
+
+
+def test_reviewkd_levels_and_warmup() -> None:
+    s, t = maps(9, (B, 2, 4, 4), (B, 3, 2, 2)), maps(10, (B, 2, 4, 4))
+    with pytest.raises(ValueError, match="same number"):
+        built(METHODS.build("reviewkd", {}, "r"), s, t)
+    assert Term("r", METHODS.build("reviewkd", {}, "r")).ramp(0) == pytest.approx(1 / 20)  # the authors' 20 epochs
+
+
 # --------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid"])
+@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid", "reviewkd"])
 def test_example_config_parses_and_uses_the_method(name: str, tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml", [f"output_dir={tmp_path}"])
     methods = [term.method.name for stage in cfg.stages for term in stage.terms]
