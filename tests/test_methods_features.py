@@ -1,5 +1,5 @@
-"""Feature-map methods AT, NST, AB, FT, FSP, VID and ReviewKD against their papers' formulas, written out here
-per sample (loops and einsums), and their batch means against the reference implementations' batch losses."""
+"""Feature-map methods AT, NST, AB, FT, FSP, VID, ReviewKD and OFD against their papers' formulas, written out
+here per sample (loops and einsums), and their batch means against the reference implementations' batch losses."""
 
 from __future__ import annotations
 
@@ -499,10 +499,106 @@ def test_reviewkd_levels_and_warmup() -> None:
     assert Term("r", METHODS.build("reviewkd", {}, "r")).ramp(0) == pytest.approx(1 / 20)  # the authors' 20 epochs
 
 
+# ----------------------------------------------------------------------------------------------- OFD
+
+
+def tail_mean(mean: float, std: float) -> float:
+    """E[x | x < 0] for x ~ N(mean, std²), by the trapezoid rule on a fine grid (independent of the closed form)."""
+    n, lo = 200_000, mean - 12 * std
+    xs = [lo + (0 - lo) * k / n for k in range(n + 1)]
+    pdf = [math.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for x in xs]
+    h = (0 - lo) / n
+    mass = h * (sum(pdf) - 0.5 * (pdf[0] + pdf[-1]))
+    first = h * (sum(x * p for x, p in zip(xs, pdf, strict=True)) - 0.5 * (xs[0] * pdf[0] + xs[-1] * pdf[-1]))
+    return first / mass
+
+
+def test_ofd_margin_is_the_expected_negative_response() -> None:
+    from padkd.methods.ofd import margin
+
+    assert margin(0.0, 1.0) == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-9)
+    for mean, std in [(-1.0, 2.0), (0.5, 0.3), (1.5, 1.0)]:
+        assert margin(mean, std) == pytest.approx(tail_mean(mean, std), rel=1e-6)
+        assert margin(mean, -std) == margin(mean, std)  # |γ| is the std
+    assert margin(4.0, 1.0) == -3.0  # P(x < 0) = 3e-5 <= 0.001: the authors' -3 std
+
+
+def _bn_teacher(gamma: list[float], beta: list[float]) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(1, len(gamma), 1), nn.BatchNorm2d(len(gamma)))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor(gamma))
+        net[1].bias.copy_(torch.tensor(beta))
+    return net
+
+
+def _ofd(student: Any, teacher: Any, options: dict[str, Any], teacher_model: nn.Module | None = None) -> Method:
+    method = METHODS.build("ofd", options, "ofd")
+    ctx = BuildContext(student=student, teacher=teacher, batch=batch(len(_layers_of(student)[0])),
+                       data=DataInfo(n_train=10), world_size=1, student_model=nn.Linear(1, 1),
+                       teacher_model=teacher_model)
+    method.build(ctx)
+    return method
+
+
+def _layers_of(x: Any) -> list[Tensor]:
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def test_ofd_partial_l2_on_a_hand_made_case() -> None:
+    # One channel, six neurons; the teacher's BN (γ = 1, β = 0) gives the margin m = -sqrt(2/π) ≈ -0.798.
+    t = torch.tensor([1.0, -0.2, -2.0, -0.5, -2.0, 0.3]).view(1, 1, 2, 3)
+    r = torch.tensor([0.5, -1.0, -1.5, 0.0, 0.0, 2.0]).view(1, 1, 2, 3)
+    method = _ofd([r], [t], {"teacher_bn": ["1"]}, _bn_teacher([1.0], [0.0]))
+    method.connectors[0] = nn.Identity()  # read the rule on the student's own values
+    m = -math.sqrt(2 / math.pi)
+    # t > 0: (r - t)²; m < t <= 0 with r <= t: free; t < m with r <= m: free; otherwise (r - max(t, m))².
+    expected = (0.5 - 1.0) ** 2 + 0 + 0 + (0.0 + 0.5) ** 2 + (0.0 - m) ** 2 + (2.0 - 0.3) ** 2
+    assert _v(method([r], [t], batch(1))).tolist() == [[pytest.approx(expected, rel=1e-6)]]
+
+
+def test_ofd_uniform_equals_the_authors_loss_with_connectors_and_layer_weights() -> None:
+    s = maps(11, (B, 2, 4, 4), (B, 3, 2, 2))
+    t = maps(12, (B, 3, 4, 4), (B, 2, 2, 2))
+    teacher = nn.ModuleDict({"a": _bn_teacher([1.0, 0.5, 2.0], [0.2, -0.3, 1.0]),
+                             "b": _bn_teacher([0.8, 1.5], [0.0, 3.0])})
+    method = _ofd(s, t, {"teacher_bn": ["a.1", "b.1"]}, teacher)
+    method.eval()
+    from padkd.methods.ofd import margin
+
+    with torch.no_grad():
+        d = Discrepancy.of(method(s, t, batch()))
+        assert d.sum_elements and d.value.shape == (B, 2)
+        total = torch.zeros(())
+        for k, (fs, ft, bn) in enumerate(zip(s, t, (teacher["a"][1], teacher["b"][1]), strict=True)):
+            m = torch.tensor([margin(float(b), float(g)) for g, b in zip(bn.weight, bn.bias, strict=True)])
+            target = torch.max(ft, m.view(1, -1, 1, 1))
+            src = method.connectors[k](fs)
+            loss = F.mse_loss(src, target, reduction="none") * ((src > target) | (target > 0)).float()
+            total = total + loss.sum() / 2 ** (2 - k - 1)
+        torch.testing.assert_close(uniform(d), total / B, rtol=1e-5, atol=1e-6)  # the authors' sum / batch size
+
+
+def test_ofd_margins_from_the_build_batch_and_its_errors() -> None:
+    s, t = maps(13, (B, 2, 3, 3)), maps(14, (B, 2, 3, 3))
+    method = _ofd(s, t, {})  # teacher_bn: null
+    from padkd.methods.ofd import margin
+
+    x = t[0].transpose(0, 1).flatten(1)
+    expected = [margin(float(a), float(b)) for a, b in zip(x.mean(1), x.std(1), strict=True)]
+    assert method.margins()[0].flatten().tolist() == pytest.approx(expected, rel=1e-5)
+    teacher = _bn_teacher([1.0, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="one per layer"):
+        _ofd(s, t, {"teacher_bn": ["1", "1"]}, teacher)
+    with pytest.raises(ValueError, match="affine BatchNorm of the teacher with 2 channels"):
+        _ofd(s, t, {"teacher_bn": ["0"]}, teacher)
+    with pytest.raises(ValueError, match="'nope'"):
+        _ofd(s, t, {"teacher_bn": ["nope"]}, teacher)
+
+
 # --------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid", "reviewkd"])
+@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid", "reviewkd", "ofd"])
 def test_example_config_parses_and_uses_the_method(name: str, tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml", [f"output_dir={tmp_path}"])
     methods = [term.method.name for stage in cfg.stages for term in stage.terms]
