@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.config import load_config
-from padkd.context import BuildContext, DataInfo
+from padkd.context import BuildContext, DataInfo, StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.distiller import Distiller, Term, carry_state
 from padkd.errors import PadkdError
@@ -481,7 +481,7 @@ def authors_review_loss(method: Method, student: list[Tensor], teacher: list[Ten
 def test_reviewkd_uniform_equals_the_authors_loss() -> None:
     s = [*maps(5, (B, 4, 8, 8), (B, 6, 4, 4), (B, 8, 2, 2)), maps(6, (B, 8))[0]]  # the last: a pooled [B, C]
     t = [*maps(7, (B, 5, 8, 8), (B, 7, 4, 4), (B, 9, 1, 1)), maps(8, (B, 9))[0]]
-    method = built(METHODS.build("reviewkd", {"max_mid_channels": 6}, "r"), s, t)
+    method = built(METHODS.create("reviewkd", {"max_mid_channels": 6}, "r"), s, t)
     assert [abf.att is None for abf in method.abfs] == [True, False, False, False]  # the deepest has no fusion
     assert [abf.conv1[0].out_channels for abf in method.abfs] == [6] * 4  # min(6, 8 channels of the deepest)
     assert [abf.conv2[0].out_channels for abf in method.abfs] == [9, 9, 7, 5]
@@ -495,8 +495,9 @@ def test_reviewkd_uniform_equals_the_authors_loss() -> None:
 def test_reviewkd_levels_and_warmup() -> None:
     s, t = maps(9, (B, 2, 4, 4), (B, 3, 2, 2)), maps(10, (B, 2, 4, 4))
     with pytest.raises(ValueError, match="same number"):
-        built(METHODS.build("reviewkd", {}, "r"), s, t)
-    assert Term("r", METHODS.build("reviewkd", {}, "r")).ramp(0) == pytest.approx(1 / 20)  # the authors' 20 epochs
+        built(METHODS.create("reviewkd", {}, "r"), s, t)
+    clock = StageClock(steps_per_epoch=10)
+    assert Term("r", METHODS.create("reviewkd", {}, "r")).ramp_steps(clock) == 200  # the authors' 20 epochs
 
 
 # ----------------------------------------------------------------------------------------------- OFD
@@ -532,7 +533,7 @@ def _bn_teacher(gamma: list[float], beta: list[float]) -> nn.Module:
 
 
 def _ofd(student: Any, teacher: Any, options: dict[str, Any], teacher_model: nn.Module | None = None) -> Method:
-    method = METHODS.build("ofd", options, "ofd")
+    method = METHODS.create("ofd", options, "ofd")
     ctx = BuildContext(student=student, teacher=teacher, batch=batch(len(_layers_of(student)[0])),
                        data=DataInfo(n_train=10), world_size=1, student_model=nn.Linear(1, 1),
                        teacher_model=teacher_model)

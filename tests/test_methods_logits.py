@@ -305,7 +305,7 @@ def test_ctkd_curriculum_is_a_pure_function_of_the_step() -> None:
     from padkd.methods.logits import curriculum_lambda
 
     def lam(step: int, kind: str = "cosine", steps: int = 100) -> float:
-        return float(curriculum_lambda(torch.tensor(step), steps, kind, 1.0))
+        return curriculum_lambda(step, steps, kind, 1.0)
 
     assert [lam(s) for s in (0, 50, 100, 250)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
     assert [lam(s, "linear") for s in (0, 25, 100, 200)] == pytest.approx([0.0, 0.25, 1.0, 1.0])
@@ -313,7 +313,7 @@ def test_ctkd_curriculum_is_a_pure_function_of_the_step() -> None:
     for i in range(1, 11):
         assert lam(i * 782, steps=7820) == pytest.approx((1 - math.cos(i * math.pi / 10)) / 2, abs=1e-6)
     assert lam(0, steps=0) == 1.0
-    assert float(curriculum_lambda(torch.tensor(50), 100, "cosine", 0.4)) == pytest.approx(0.2)
+    assert curriculum_lambda(50, 100, "cosine", 0.4) == pytest.approx(0.2)
 
 
 def test_ctkd_global_temperature_per_sample_and_its_reversed_gradient() -> None:
@@ -321,14 +321,13 @@ def test_ctkd_global_temperature_per_sample_and_its_reversed_gradient() -> None:
     ctkd.train()
     with torch.no_grad():
         ctkd.theta.fill_(0.3)
-        ctkd.steps.fill_(5)  # half-way: λ = 1/2
+    ctkd.clock.step = 5  # half-way: λ = 1/2
     s = S.clone().requires_grad_(True)
     d = ctkd(s, T, batch())
     tau = 1.0 + 20.0 / (1.0 + math.exp(-0.3))
     for i in range(3):  # fp32 log-softmax differences at τ ≈ 12: agreement to 1e-4 relative
         expected = tau**2 * kl(softmax(T[i].tolist(), tau), softmax(S[i].tolist(), tau))
         assert float(d[i].detach()) == pytest.approx(expected, rel=1e-4)
-    assert int(ctkd.steps) == 6  # one training forward
     d.sum().backward()
     # Without reversal, d(loss)/dθ by central differences of the same loss at θ ± h.
     def loss_at(theta: float) -> float:
@@ -373,21 +372,32 @@ def test_ctkd_instance_mode_starts_at_the_global_temperature_and_trains_its_mlp(
     torch.testing.assert_close(d, CTKD()(S, T, batch()))  # every sample at τ0 = 1 + 20 sigmoid(1)
     d.sum().backward()
     assert ctkd.mlp is not None and ctkd.mlp[2].weight.grad.abs().sum() > 0
-    assert set(ctkd.state_dict()) == {"steps", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    assert set(ctkd.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
 
 
-def test_ctkd_temperature_has_its_own_group_and_is_checkpointed() -> None:
+def test_ctkd_reads_the_stage_clock_and_trains_in_its_own_checkpointed_group() -> None:
     from padkd.distiller import Distiller
 
     student, teacher = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    distiller = Distiller(student, teacher, [Term("ctkd", CTKD(), lr_scale=0.5)])
-    distiller.prepare(Batch(inputs=torch.randn(5, 4), targets=torch.tensor([0, 1, 2, 0, 1]), index=torch.arange(5)))
+    example = Batch(inputs=torch.randn(5, 4), targets=torch.tensor([0, 1, 2, 0, 1]), index=torch.arange(5))
+    ctkd = CTKD(curriculum_epochs=2)
+    distiller = Distiller(student, teacher, [Term("ctkd", ctkd, lr_scale=0.5)], steps_per_epoch=5)
+    distiller.prepare(example)
+    assert ctkd.clock is distiller.clock and ctkd.curriculum_steps == 10  # 2 epochs of 5 optimizer steps
     groups = {g["name"]: g for g in distiller.param_groups()}
-    assert groups["ctkd"]["params"] == [distiller.terms[0].method.theta] and groups["ctkd"]["lr_scale"] == 0.5
+    assert groups["ctkd"]["params"] == [ctkd.theta] and groups["ctkd"]["lr_scale"] == 0.5
     distiller.train()
-    distiller(Batch(inputs=torch.randn(5, 4), targets=torch.tensor([0, 1, 2, 0, 1]), index=torch.arange(5)))
-    state = distiller.terms_state_dict()
-    assert {"0.method.theta", "0.method.steps"} <= set(state) and int(state["0.method.steps"]) == 1
+    distiller(example, step=5).losses["ctkd"].backward()  # half-way through the curriculum: λ = 1/2
+    grad = float(ctkd.theta.grad)
+    ctkd.theta.grad = None
+    distiller(example, step=10).losses["ctkd"].backward()  # λ = 1
+    assert float(ctkd.theta.grad) == pytest.approx(2 * grad, rel=1e-5)
+    assert set(distiller.terms_state_dict()) == {"0.method.theta"}  # the step is the clock's, saved by the trainer
+    with pytest.raises(PadkdError, match="curriculum_epochs"):
+        Distiller(student, teacher, [Term("ctkd", CTKD(curriculum_epochs=2))]).prepare(example)
+    with pytest.raises(ValueError, match="not both"):
+        CTKD(curriculum_epochs=2, curriculum_steps=10)
+    assert CTKD().curriculum_steps == 7820
 
 
 def test_ctkd_with_logit_standardization() -> None:
@@ -419,23 +429,23 @@ def test_dist_plus_parts_per_sample_match_torchdistills_formula() -> None:
     fs, ft = FS, FT
     rho, spatial, channel = dist_plus_by_hand(fs, ft)
     inter, intra = dist_by_hand(S, T, 1.0)
-    method = METHODS.build("dist_plus", {})
+    method = METHODS.create("dist_plus", {})
     d = method([S, fs], [T, ft], batch())
     assert d.sum_elements and d.value.shape == (3, 4) and method.unit == "batch"
     expected = np.stack([2.0 * np.array(inter), [2.0 * intra] * 3, channel, [spatial] * 3], axis=1)
     np.testing.assert_allclose(d.value.numpy(), expected, rtol=1e-4, atol=1e-6)
     # torchdistill's DISTPlusLoss: β τ²(1 − mean ρ_i) + γ τ²(1 − mean ρ_c) + ι mean ρ_channel + κ spatial.
     torchdistill = 2.0 * np.mean(inter) + 2.0 * intra + np.mean(rho) + spatial
-    signed = METHODS.build("dist_plus", {"channel_sign": "torchdistill"})([S, fs], [T, ft], batch())
+    signed = METHODS.create("dist_plus", {"channel_sign": "torchdistill"})([S, fs], [T, ft], batch())
     np.testing.assert_allclose(signed.value[:, 2].numpy(), [1 + r for r in rho], rtol=1e-4)
-    loss = float(WEIGHTINGS.build("uniform", {})(signed).loss)
+    loss = float(WEIGHTINGS.create("uniform", {})(signed).loss)
     assert loss == pytest.approx(torchdistill + 1.0, rel=1e-4)  # the same loss, 1 apart (ι · 1)
 
 
 def test_dist_plus_per_sample_variant_and_connector() -> None:
     from padkd.context import BuildContext, DataInfo
 
-    method = METHODS.build("dist_plus", {"intra": False, "spatial": False, "tau": 4.0, "beta": 1.0, "iota": 0.5})
+    method = METHODS.create("dist_plus", {"intra": False, "spatial": False, "tau": 4.0, "beta": 1.0, "iota": 0.5})
     assert method.unit == "sample"
     wide = FT.repeat(1, 2, 1, 1)
     ctx = BuildContext(student=[S, FS], teacher=[T, wide], batch=batch(), data=DataInfo(n_train=3),
@@ -451,7 +461,7 @@ def test_dist_plus_per_sample_variant_and_connector() -> None:
         mapped = method.connector(FS)
     np.testing.assert_allclose(d[:, 1].numpy(), 0.5 * np.array(dist_plus_by_hand(mapped, wide)[2]),
                                rtol=1e-4, atol=1e-6)
-    none = METHODS.build("dist_plus", {"connector": "none"})
+    none = METHODS.create("dist_plus", {"connector": "none"})
     with pytest.raises(ValueError, match="connector"):
         none.build(ctx)
     with pytest.raises(ValueError, match=r"\[logits, feature map\]"):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from padkd.batch import Batch
-from padkd.context import BuildContext, Features
+from padkd.context import BuildContext, Features, StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.methods.base import METHODS, Method
 from padkd.methods.features import _common_size, _he_connector, _no_autocast
@@ -275,21 +275,20 @@ class _ReverseGradient(torch.autograd.Function):
     """Identity forward; the backward multiplies the gradient by -λ (gradient reversal, Ganin & Lempitsky)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, lam: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(lam)
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, lam: float) -> Tensor:  # type: ignore[override]
+        ctx.lam = lam  # type: ignore[attr-defined]
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (lam,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return -lam.to(grad.dtype) * grad, None
+        return -ctx.lam * grad, None  # type: ignore[attr-defined]
 
 
-def curriculum_lambda(step: Tensor, steps: int, kind: Literal["cosine", "linear"], lambda_max: float) -> Tensor:
-    """CTKD's λ after `step` training steps: from 0 to `lambda_max` over `steps` steps, by `(1 − cos πx) / 2`
+def curriculum_lambda(step: int, steps: int, kind: Literal["cosine", "linear"], lambda_max: float) -> float:
+    """CTKD's λ after `step` optimizer steps: from 0 to `lambda_max` over `steps` steps, by `(1 − cos πx) / 2`
     (cosine) or `x` (linear), `x = min(step / steps, 1)`. The curriculum's one formula, a pure function of the step."""
-    x = (step.float() / steps).clamp(0.0, 1.0) if steps > 0 else torch.ones_like(step, dtype=torch.float32)
-    return lambda_max * ((1 - torch.cos(math.pi * x)) / 2 if kind == "cosine" else x)
+    x = min(step / steps, 1.0) if steps > 0 else 1.0
+    return lambda_max * ((1 - math.cos(math.pi * x)) / 2 if kind == "cosine" else x)
 
 
 @METHODS.register("ctkd")
@@ -302,9 +301,11 @@ class CTKD(Method):
     two-layer MLP of the sample's detached logits `[s_i, t_i]` (`mode: instance`), whose output layer starts
     at zero weight and bias `init`, so every sample starts at the global τ. A gradient reversal sits between
     θ and the loss: the optimizer's descent on the loss is an ascent for θ, scaled by λ, which the curriculum
-    raises from 0 to `lambda_max` over `curriculum_steps` training steps (`curriculum_lambda`). The module
-    trains in the term's parameter group (its `lr_scale` sets its LR) and is saved in checkpoints with the
-    step counter that the curriculum reads. `standardize` z-scores both logits first (CTKD + LS).
+    raises from 0 to `lambda_max` over the first `curriculum_epochs` (converted with the stage's epoch
+    length) or `curriculum_steps` optimizer steps of the stage (default 7820: 10 epochs of CIFAR-100 at
+    batch 64), read from the stage's clock (`curriculum_lambda`). The module trains in the term's parameter
+    group (its `lr_scale` sets its LR) and is saved in checkpoints, as is the clock. `standardize` z-scores
+    both logits first (CTKD + LS).
     """
 
     reference = ("Li, Li, Yang, Zhao, Song, Luo, Li, Yang. Curriculum Temperature for Knowledge Distillation. "
@@ -313,19 +314,23 @@ class CTKD(Method):
 
     def __init__(self, mode: Literal["global", "instance"] = "global",
                  curriculum: Literal["cosine", "linear"] = "cosine", lambda_max: float = 1.0,
-                 curriculum_steps: int = 7820, min_temperature: float = 1.0, temperature_range: float = 20.0,
-                 init: float = 1.0, hidden: int = 128, standardize: bool = False) -> None:
+                 curriculum_epochs: float | None = None, curriculum_steps: int | None = None,
+                 min_temperature: float = 1.0, temperature_range: float = 20.0, init: float = 1.0,
+                 hidden: int = 128, standardize: bool = False) -> None:
         super().__init__()
         if min_temperature <= 0 or temperature_range <= 0:
             raise ValueError(f"ctkd: min_temperature and temperature_range must be > 0, got {min_temperature}, "
                              f"{temperature_range}")
-        if lambda_max < 0 or curriculum_steps < 0 or hidden < 1:
-            raise ValueError(f"ctkd: need lambda_max >= 0, curriculum_steps >= 0 and hidden >= 1, got {lambda_max}, "
-                             f"{curriculum_steps}, {hidden}")
+        if curriculum_epochs is not None and curriculum_steps is not None:
+            raise ValueError("ctkd: give curriculum_epochs or curriculum_steps, not both")
+        if lambda_max < 0 or min(curriculum_epochs or 0, curriculum_steps or 0) < 0 or hidden < 1:
+            raise ValueError(f"ctkd: need lambda_max >= 0, a curriculum length >= 0 and hidden >= 1, got {lambda_max}, "
+                             f"{curriculum_epochs if curriculum_epochs is not None else curriculum_steps}, {hidden}")
         self.mode = mode
         self.curriculum = curriculum
         self.lambda_max = lambda_max
-        self.curriculum_steps = curriculum_steps
+        self.curriculum_epochs = curriculum_epochs
+        self.curriculum_steps = 7820 if curriculum_steps is None and curriculum_epochs is None else curriculum_steps
         self.min_temperature = min_temperature
         self.temperature_range = temperature_range
         self.init = init
@@ -333,25 +338,23 @@ class CTKD(Method):
         self.standardize = standardize
         self.theta = nn.Parameter(torch.full((1,), float(init))) if mode == "global" else None
         self.mlp: nn.Module | None = None
-        #: Training forwards so far: the position the curriculum reads (until the engine's stage clock).
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        #: The stage's clock (the Distiller's, from `build`): its step is where the curriculum stands.
+        self.clock = StageClock()
 
     def build(self, ctx: BuildContext) -> None:
+        self.clock = ctx.clock
+        if self.curriculum_epochs is not None:
+            self.curriculum_steps = ctx.clock.steps(self.curriculum_epochs, "ctkd's curriculum_epochs")
         if self.mode == "instance" and self.mlp is None:
             classes = ctx.student.shape[1]
             self.mlp = nn.Sequential(nn.Linear(2 * classes, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.constant_(self.mlp[2].bias, self.init)
 
-    def _position(self) -> Tensor:
-        """The training position the λ curriculum reads: the one place to wire to the stage clock."""
-        return self.steps
-
     def forward(self, student: Tensor, teacher: Tensor, batch: Batch) -> Tensor:  # type: ignore[override]
         s, t = _logits(student, teacher, self.standardize)
-        lam = curriculum_lambda(self._position(), self.curriculum_steps, self.curriculum, self.lambda_max)
-        if self.training:
-            self.steps += 1
+        assert self.curriculum_steps is not None, "ctkd: build(ctx) must run before the first forward"
+        lam = curriculum_lambda(self.clock.step, self.curriculum_steps, self.curriculum, self.lambda_max)
         if self.mlp is not None:
             theta = self.mlp(torch.cat([s, t], dim=1).detach()).float().squeeze(1)
         else:
