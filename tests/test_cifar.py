@@ -36,7 +36,10 @@ SAME_FAMILY = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", 
 CROSS_FAMILY = [("vgg13", "mobilenetv2_half"), ("resnet50", "mobilenetv2_half"), ("resnet50", "vgg8"),
                 ("resnet32x4", "shufflenetv1"), ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1")]
 METHODS = {"student", "kd", "l2", "pad_l2", "l2_control", "pad_l2_single", "pad_kd", "crd", "pad_crd", "fitnet",
-           "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst", "dkd", "dist"}  # + fsp for Table 1's pairs
+           "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst", "dkd", "dist", "kd_ls", "dkd_ls", "mlkd",
+           "mlkd_ls", "ctkd", "ctkd_ls", "reviewkd", "ofd", "dist_plus"}  # + fsp for Table 1's pairs
+#: Recipes that weight cross-entropy by 0.1 (KD's CRD setting, and the authors' of LS, MLKD and CTKD).
+LOW_CE = {"kd", "pad_kd", "kd_ls", "mlkd", "mlkd_ls", "ctkd", "ctkd_ls"}
 LOW_LR_STUDENTS = {"mobilenetv2_half", "shufflenetv1", "shufflenetv2"}
 
 
@@ -116,7 +119,7 @@ def test_recipes_follow_the_crd_protocol(recipes: dict[tuple[str, str], Config])
         assert _optimizer(main[0]) == (main_lr, 64, 0.9, 5e-4), where
         assert main[0].scheduler.name == "multistep" and main[0].scheduler.milestones == [150, 180, 210], where
         assert main[0].scheduler.gamma == 0.1, where
-        assert main[0].task_weight == (0.1 if method in ("kd", "pad_kd") else 1.0), where
+        assert main[0].task_weight == (0.1 if method in LOW_CE else 1.0), where
         if method in ("ab", "fsp", "ft"):  # RepDistiller's 30-epoch init stage, no cross-entropy, constant LR
             init = cfg.stages[0]
             init_lr = 0.01 if method == "ft" and student.startswith(("resnet", "wrn")) else main_lr

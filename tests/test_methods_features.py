@@ -1,5 +1,5 @@
-"""Feature-map methods AT, NST, AB, FT, FSP, VID against their papers' formulas, written out here per sample
-(loops and einsums), and their batch means against the reference implementations' batch losses."""
+"""Feature-map methods AT, NST, AB, FT, FSP, VID, ReviewKD and OFD against their papers' formulas, written out
+here per sample (loops and einsums), and their batch means against the reference implementations' batch losses."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from padkd.batch import Batch
 from padkd.config import load_config
-from padkd.context import BuildContext, DataInfo
+from padkd.context import BuildContext, DataInfo, StageClock
 from padkd.discrepancy import Discrepancy
 from padkd.distiller import Distiller, Term, carry_state
 from padkd.errors import PadkdError
@@ -422,10 +423,183 @@ def test_vid_variance_learns_through_the_unweighted_part() -> None:
     assert vid.log_scales[0].grad is not None and (vid.log_scales[0].grad > 0).all()
 
 
+# ------------------------------------------------------------------------------------------ ReviewKD
+
+
+def block_mean(x: Tensor, size: int) -> Tensor:
+    """Average pooling of a square map to `size` x `size` by block means (the map's side a multiple of size)."""
+    b, c, h, _ = x.shape
+    k = h // size
+    return x.reshape(b, c, size, k, size, k).mean(dim=(3, 5))
+
+
+@pytest.mark.parametrize(("side", "weights"), [(8, {8: 1, 4: 1 / 2, 2: 1 / 4, 1: 1 / 8}),
+                                               (4, {4: 1, 2: 1 / 2, 1: 1 / 4}), (2, {2: 1, 1: 1 / 2}), (1, {1: 1})])
+def test_hcl_weights_the_pooled_levels_as_the_authors(side: int, weights: dict[int, float]) -> None:
+    from padkd.methods.reviewkd import hcl
+
+    fs, ft = maps(4, (B, 3, side, side), (B, 3, side, side))
+    got = hcl(fs, ft)
+    for i in range(B):
+        total = sum(w * float(((block_mean(fs, k) - block_mean(ft, k))[i] ** 2).mean()) for k, w in weights.items())
+        assert float(got[i]) == pytest.approx(total / sum(weights.values()), rel=1e-5)
+
+
+def authors_review_loss(method: Method, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """The ReviewKD authors' forward and loss, written out: fuse from the deepest level up (the deeper result
+    resized to each level, mixed by the two attention maps, resized to the teacher's size), then the sum over
+    levels of `hcl` with batch-mean squared errors."""
+    xs = [x if x.dim() == 4 else x[:, :, None, None] for x in student][::-1]
+    ts = [x if x.dim() == 4 else x[:, :, None, None] for x in teacher]
+    results: list[Tensor] = []
+    residual = None
+    for k, (x, abf) in enumerate(zip(xs, method.abfs, strict=True)):
+        n, _, h, w = x.shape
+        y = abf.conv1(x)
+        if k > 0:
+            r = F.interpolate(residual, (h, w), mode="nearest")
+            z = abf.att(torch.cat([y, r], dim=1))
+            y = y * z[:, 0].view(n, 1, h, w) + r * z[:, 1].view(n, 1, h, w)
+        size = ts[len(ts) - 1 - k].shape[-2:]
+        if y.shape[-2:] != size:
+            y = F.interpolate(y, size, mode="nearest")
+        results.insert(0, abf.conv2(y))
+        residual = y
+    loss = torch.zeros(())
+    for fs, ft in zip(results, ts, strict=True):
+        level, cnt, tot = F.mse_loss(fs, ft), 1.0, 1.0
+        for size in (4, 2, 1):
+            if size >= fs.shape[2]:
+                continue
+            cnt /= 2.0
+            level = level + F.mse_loss(F.adaptive_avg_pool2d(fs, size), F.adaptive_avg_pool2d(ft, size)) * cnt
+            tot += cnt
+        loss = loss + level / tot
+    return loss
+
+
+def test_reviewkd_uniform_equals_the_authors_loss() -> None:
+    s = [*maps(5, (B, 4, 8, 8), (B, 6, 4, 4), (B, 8, 2, 2)), maps(6, (B, 8))[0]]  # the last: a pooled [B, C]
+    t = [*maps(7, (B, 5, 8, 8), (B, 7, 4, 4), (B, 9, 1, 1)), maps(8, (B, 9))[0]]
+    method = built(METHODS.create("reviewkd", {"max_mid_channels": 6}, "r"), s, t)
+    assert [abf.att is None for abf in method.abfs] == [True, False, False, False]  # the deepest has no fusion
+    assert [abf.conv1[0].out_channels for abf in method.abfs] == [6] * 4  # min(6, 8 channels of the deepest)
+    assert [abf.conv2[0].out_channels for abf in method.abfs] == [9, 9, 7, 5]
+    method.eval()
+    with torch.no_grad():
+        d = Discrepancy.of(method(s, t, batch()))
+        assert d.sum_elements and d.value.shape == (B, 4)
+        torch.testing.assert_close(uniform(d), authors_review_loss(method, s, t), rtol=1e-5, atol=1e-6)
+
+
+def test_reviewkd_levels_and_warmup() -> None:
+    s, t = maps(9, (B, 2, 4, 4), (B, 3, 2, 2)), maps(10, (B, 2, 4, 4))
+    with pytest.raises(ValueError, match="same number"):
+        built(METHODS.create("reviewkd", {}, "r"), s, t)
+    clock = StageClock(steps_per_epoch=10)
+    assert Term("r", METHODS.create("reviewkd", {}, "r")).ramp_steps(clock) == 200  # the authors' 20 epochs
+
+
+# ----------------------------------------------------------------------------------------------- OFD
+
+
+def tail_mean(mean: float, std: float) -> float:
+    """E[x | x < 0] for x ~ N(mean, std²), by the trapezoid rule on a fine grid (independent of the closed form)."""
+    n, lo = 200_000, mean - 12 * std
+    xs = [lo + (0 - lo) * k / n for k in range(n + 1)]
+    pdf = [math.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for x in xs]
+    h = (0 - lo) / n
+    mass = h * (sum(pdf) - 0.5 * (pdf[0] + pdf[-1]))
+    first = h * (sum(x * p for x, p in zip(xs, pdf, strict=True)) - 0.5 * (xs[0] * pdf[0] + xs[-1] * pdf[-1]))
+    return first / mass
+
+
+def test_ofd_margin_is_the_expected_negative_response() -> None:
+    from padkd.methods.ofd import margin
+
+    assert margin(0.0, 1.0) == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-9)
+    for mean, std in [(-1.0, 2.0), (0.5, 0.3), (1.5, 1.0)]:
+        assert margin(mean, std) == pytest.approx(tail_mean(mean, std), rel=1e-6)
+        assert margin(mean, -std) == margin(mean, std)  # |γ| is the std
+    assert margin(4.0, 1.0) == -3.0  # P(x < 0) = 3e-5 <= 0.001: the authors' -3 std
+
+
+def _bn_teacher(gamma: list[float], beta: list[float]) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(1, len(gamma), 1), nn.BatchNorm2d(len(gamma)))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor(gamma))
+        net[1].bias.copy_(torch.tensor(beta))
+    return net
+
+
+def _ofd(student: Any, teacher: Any, options: dict[str, Any], teacher_model: nn.Module | None = None) -> Method:
+    method = METHODS.create("ofd", options, "ofd")
+    ctx = BuildContext(student=student, teacher=teacher, batch=batch(len(_layers_of(student)[0])),
+                       data=DataInfo(n_train=10), world_size=1, student_model=nn.Linear(1, 1),
+                       teacher_model=teacher_model)
+    method.build(ctx)
+    return method
+
+
+def _layers_of(x: Any) -> list[Tensor]:
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def test_ofd_partial_l2_on_a_hand_made_case() -> None:
+    # One channel, six neurons; the teacher's BN (γ = 1, β = 0) gives the margin m = -sqrt(2/π) ≈ -0.798.
+    t = torch.tensor([1.0, -0.2, -2.0, -0.5, -2.0, 0.3]).view(1, 1, 2, 3)
+    r = torch.tensor([0.5, -1.0, -1.5, 0.0, 0.0, 2.0]).view(1, 1, 2, 3)
+    method = _ofd([r], [t], {"teacher_bn": ["1"]}, _bn_teacher([1.0], [0.0]))
+    method.connectors[0] = nn.Identity()  # read the rule on the student's own values
+    m = -math.sqrt(2 / math.pi)
+    # t > 0: (r - t)²; m < t <= 0 with r <= t: free; t < m with r <= m: free; otherwise (r - max(t, m))².
+    expected = (0.5 - 1.0) ** 2 + 0 + 0 + (0.0 + 0.5) ** 2 + (0.0 - m) ** 2 + (2.0 - 0.3) ** 2
+    assert _v(method([r], [t], batch(1))).tolist() == [[pytest.approx(expected, rel=1e-6)]]
+
+
+def test_ofd_uniform_equals_the_authors_loss_with_connectors_and_layer_weights() -> None:
+    s = maps(11, (B, 2, 4, 4), (B, 3, 2, 2))
+    t = maps(12, (B, 3, 4, 4), (B, 2, 2, 2))
+    teacher = nn.ModuleDict({"a": _bn_teacher([1.0, 0.5, 2.0], [0.2, -0.3, 1.0]),
+                             "b": _bn_teacher([0.8, 1.5], [0.0, 3.0])})
+    method = _ofd(s, t, {"teacher_bn": ["a.1", "b.1"]}, teacher)
+    method.eval()
+    from padkd.methods.ofd import margin
+
+    with torch.no_grad():
+        d = Discrepancy.of(method(s, t, batch()))
+        assert d.sum_elements and d.value.shape == (B, 2)
+        total = torch.zeros(())
+        for k, (fs, ft, bn) in enumerate(zip(s, t, (teacher["a"][1], teacher["b"][1]), strict=True)):
+            m = torch.tensor([margin(float(b), float(g)) for g, b in zip(bn.weight, bn.bias, strict=True)])
+            target = torch.max(ft, m.view(1, -1, 1, 1))
+            src = method.connectors[k](fs)
+            loss = F.mse_loss(src, target, reduction="none") * ((src > target) | (target > 0)).float()
+            total = total + loss.sum() / 2 ** (2 - k - 1)
+        torch.testing.assert_close(uniform(d), total / B, rtol=1e-5, atol=1e-6)  # the authors' sum / batch size
+
+
+def test_ofd_margins_from_the_build_batch_and_its_errors() -> None:
+    s, t = maps(13, (B, 2, 3, 3)), maps(14, (B, 2, 3, 3))
+    method = _ofd(s, t, {})  # teacher_bn: null
+    from padkd.methods.ofd import margin
+
+    x = t[0].transpose(0, 1).flatten(1)
+    expected = [margin(float(a), float(b)) for a, b in zip(x.mean(1), x.std(1), strict=True)]
+    assert method.margins()[0].flatten().tolist() == pytest.approx(expected, rel=1e-5)
+    teacher = _bn_teacher([1.0, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="one per layer"):
+        _ofd(s, t, {"teacher_bn": ["1", "1"]}, teacher)
+    with pytest.raises(ValueError, match="affine BatchNorm of the teacher with 2 channels"):
+        _ofd(s, t, {"teacher_bn": ["0"]}, teacher)
+    with pytest.raises(ValueError, match="'nope'"):
+        _ofd(s, t, {"teacher_bn": ["nope"]}, teacher)
+
+
 # --------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid"])
+@pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid", "reviewkd", "ofd"])
 def test_example_config_parses_and_uses_the_method(name: str, tmp_path: Path) -> None:
     cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml", [f"output_dir={tmp_path}"])
     methods = [term.method.name for stage in cfg.stages for term in stage.terms]

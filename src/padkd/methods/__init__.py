@@ -4,9 +4,12 @@ from padkd.methods.base import METHODS, Method
 from padkd.methods.contrastive import CRD
 from padkd.methods.detection import FGFI, FpnL2, RoiKD
 from padkd.methods.features import AB, AT, FSP, FT, NST, VID, FitNet, Hint
-from padkd.methods.logits import DIST, DKD, KD
+from padkd.methods.logits import CTKD, DIST, DKD, KD, MLKD, DISTPlus
+from padkd.methods.ofd import OFD
 from padkd.methods.relations import CC, PKT, RKD, SP
+from padkd.methods.reviewkd import ReviewKD
 from padkd.methods.similarity import Similarity
 
 __all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "AT", "NST", "AB", "FT", "FSP", "VID", "DKD", "DIST", "SP",
-           "CC", "RKD", "PKT", "CRD", "Similarity", "FGFI", "FpnL2", "RoiKD"]
+           "CC", "RKD", "PKT", "CRD", "Similarity", "FGFI", "FpnL2", "RoiKD", "MLKD", "CTKD", "DISTPlus", "ReviewKD",
+           "OFD"]
