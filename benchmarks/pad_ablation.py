@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from padkd.config import parse_config
-from padkd.demo import student_config, teacher_config
+from padkd.demos.classification import student_config, teacher_config
 from padkd.engine.records import read_csv
 from padkd.engine.trainer import Trainer
 from padkd.report.stats import mean_std, paired_ci, spearman

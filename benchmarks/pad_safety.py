@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from padkd.config import parse_config
-from padkd.demo import teacher_config
+from padkd.demos.classification import teacher_config
 from padkd.engine.logging import read_metrics
 from padkd.engine.trainer import Trainer
 

@@ -16,12 +16,19 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
    torchdistill's from the mean iteration time (data loading included) over the last 20 iterations of each
    epoch, which its MetricLogger prints at the epoch's last iteration.
 4. Peak memory of each pipeline run: the peak RSS of its process (and peak allocated CUDA memory on a GPU).
+5. The KD epoch against the student trained alone (configs/cifar100/resnet56-resnet20/student.yaml, the same
+   pipeline without a teacher) at equal settings (goal <= 2x the time): the teacher's forward is the floor of
+   what distillation adds.
 
 Each pipeline run is its own process. torchvision's CIFAR100 checks the files' MD5 sums against the original
 archive's; the generated files have the format but not those bytes, so the torchdistill run disables that check
 (and only that) before running the script unchanged.
 
     python benchmarks/speed.py [--torchdistill-script PATH] [--images 640] [--epochs 3] [--rounds 3] [--threads 2]
+                               [--device cuda] [--json PATH]
+
+`--device cuda` runs the pipeline rows on the GPU (the step rows stay on the CPU); `--json PATH` also writes every
+measured number to PATH; `--teacher`/`--student` swap the pair's models (e.g. tiny ones for a dry run).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ from input_pipeline import cpu_name, write_cifar100  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
+#: The same protocol with the student trained alone (no teacher, no terms).
+ALONE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "student.yaml"
 #: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
 BEST = ["engine.compile=true", "engine.channels_last=true"]
 
@@ -118,11 +127,11 @@ datasets:
                 - !import_call {{key: torchvision.transforms.Normalize, init: {{kwargs: *normalize}}}}
 models:
   teacher_model:
-    key: resnet56
+    key: {teacher}
     kwargs: {{num_classes: 100, pretrained: False}}
     src_ckpt:
   student_model:
-    key: resnet20
+    key: {student}
     kwargs: {{num_classes: 100, pretrained: False}}
     src_ckpt:
     dst_ckpt: {out}/student.pt
@@ -191,9 +200,13 @@ def _run(code: str, threads: int) -> dict:
     return json.loads(lines[-1].removeprefix("SPEED_JSON "))
 
 
-def run_padkd(args: argparse.Namespace, data: Path, out: Path, extra: list[str]) -> dict:
-    argv = ["train", str(RECIPE), f"output_dir={out}", f"data.root={data}", f"data.batch_size={args.batch}",
-            f"data.num_workers={args.workers}", f"device={args.device}", "teacher.checkpoint=null",
+def run_padkd(args: argparse.Namespace, data: Path, out: Path, extra: list[str], alone: bool = False) -> dict:
+    """One padkd pipeline run of the KD recipe (random teacher), or of the student alone; its throughput."""
+    models = [f"student.model.name={args.student}"]
+    if not alone:
+        models += [f"teacher.model.name={args.teacher}", "teacher.checkpoint=null"]
+    argv = ["train", str(ALONE if alone else RECIPE), f"output_dir={out}", f"data.root={data}",
+            f"data.batch_size={args.batch}", f"data.num_workers={args.workers}", f"device={args.device}", *models,
             f"stages.0.epochs={args.epochs}", "records.splits=[]", "log.tensorboard=false", "log.progress=none",
             *extra, "--quiet"]
     result = _run(_PADKD.format(threads=args.threads, argv=argv), args.threads)
@@ -213,7 +226,8 @@ def run_torchdistill(args: argparse.Namespace, data: Path, out: Path) -> dict:
     config = out / "config.yaml"
     config.write_text(_TORCHDISTILL_CONFIG.format(root=data, out=out, log_freq=max(steps - 1, 1), epochs=args.epochs,
                                                   batch=args.batch, workers=args.workers,
-                                                  pin=args.device == "cuda"))
+                                                  pin=args.device == "cuda", teacher=args.teacher,
+                                                  student=args.student))
     log = out / "run.log"
     argv = [str(args.torchdistill_script), "--config", str(config), "--device", args.device, "--run_log", str(log),
             "--seed", "0"]
@@ -257,6 +271,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--best", nargs="*", default=BEST, help="padkd overrides of the 'padkd best' variant")
     parser.add_argument("--skip-steps", action="store_true", help="only the pipeline measurements")
+    parser.add_argument("--teacher", default="resnet56", help="the teacher's model name (padkd's and torchdistill's)")
+    parser.add_argument("--student", default="resnet20", help="the student's model name")
+    parser.add_argument("--json", type=Path, help="also write the measured numbers to this file")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not counted)")
@@ -285,6 +302,7 @@ def main() -> None:
     variants: dict[str, Callable[[Path, Path], dict]] = {
         "padkd fp32": lambda data, out: run_padkd(args, data, out, []),
         "padkd best": lambda data, out: run_padkd(args, data, out, list(args.best)),
+        "student alone": lambda data, out: run_padkd(args, data, out, [], alone=True),
     }
     if args.torchdistill_script is not None:
         import torchdistill
@@ -301,28 +319,43 @@ def main() -> None:
             for name in order:
                 out = Path(tmp) / f"{name.replace(' ', '_')}-{round_index}"
                 results[name].append(variants[name](data, out))
-    print(f"\n3-4. whole pipeline, CIFAR-100 KD resnet56 -> resnet20: {args.images} generated training images, batch "
-          f"{args.batch}, {args.epochs} epochs (the first not counted), evaluation excluded; median of {args.rounds} "
-          "rounds, order shuffled each round")
-    print(f"'padkd best' = {' '.join(args.best) or '(no overrides)'}")
+    print(f"\n3-5. whole pipeline, CIFAR-100 KD {args.teacher} -> {args.student}: {args.images} generated training "
+          f"images, batch {args.batch}, {args.epochs} epochs (the first not counted), evaluation excluded; median of "
+          f"{args.rounds} rounds, order shuffled each round")
+    print(f"'padkd best' = {' '.join(args.best) or '(no overrides)'}; 'student alone' = {ALONE.name}, fp32")
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"{'variant':22s} {'images/s':>9s} {'min':>8s} {'max':>8s} {memory:>14s}  note")
-    rate: dict[str, float] = {}
+    rows: dict[str, dict] = {}
     for name, runs in results.items():
         values = [r["images_per_s"] for r in runs]
-        rate[name] = statistics.median(values)
-        peak = max(r["cuda_peak_mb"] if args.device == "cuda" else r["peak_rss_mb"] for r in runs)
-        errors = {r.get("error") for r in runs if r.get("error")}
-        note = f"exited with {sorted(errors)[0]}" if errors else ""
-        print(f"{name:22s} {rate[name]:9.1f} {min(values):8.1f} {max(values):8.1f} {peak:14.0f}  {note}")
-    if args.torchdistill_script is None:
+        errors = sorted({r["error"] for r in runs if r.get("error")})
+        rows[name] = {"images_per_s": statistics.median(values), "min": min(values), "max": max(values),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                      "cuda_peak_mb": max((r["cuda_peak_mb"] for r in runs if r["cuda_peak_mb"] is not None),
+                                          default=None), "error": errors[0] if errors else None}
+        row = rows[name]
+        peak = row["cuda_peak_mb"] if args.device == "cuda" else row["peak_rss_mb"]
+        note = f"exited with {row['error']}" if row["error"] else ""
+        print(f"{name:22s} {row['images_per_s']:9.1f} {row['min']:8.1f} {row['max']:8.1f} {peak:14.0f}  {note}")
+    rate = {name: row["images_per_s"] for name, row in rows.items()}
+    # time per image is 1 / rate: the KD epoch takes rate(alone) / rate(KD) times the student's own epoch
+    ratios = {"kd_over_student_alone": rate["student alone"] / rate["padkd fp32"]}
+    tag = next((name for name in rate if name.startswith("torchdistill")), None)
+    if tag is None:
         print("(3) torchdistill: skipped; pass --torchdistill-script PATH (examples/torchvision/"
               "image_classification.py of github.com/yoshitomo-matsubara/torchdistill)")
-        return
-    tag = next(name for name in rate if name.startswith("torchdistill"))
-    print(f"(3) padkd fp32 / {tag}: {rate['padkd fp32'] / rate[tag]:.2f}x  (target >= 1.0)")
-    print(f"(3) padkd best / {tag}: {rate['padkd best'] / rate[tag]:.2f}x  (target >= 1.5)")
-
+    else:
+        ratios |= {"padkd_fp32_over_torchdistill": rate["padkd fp32"] / rate[tag],
+                   "padkd_best_over_torchdistill": rate["padkd best"] / rate[tag]}
+        print(f"(3) padkd fp32 / {tag}: {ratios['padkd_fp32_over_torchdistill']:.2f}x  (target >= 1.0)")
+        print(f"(3) padkd best / {tag}: {ratios['padkd_best_over_torchdistill']:.2f}x  (target >= 1.5)")
+    print(f"(5) padkd KD epoch / student-alone epoch: {ratios['kd_over_student_alone']:.2f}x the time  (goal <= 2)")
+    if args.json is not None:
+        settings = {k: v for k, v in vars(args).items() if k in ("images", "test_images", "batch", "epochs", "rounds",
+                                                                 "threads", "workers", "device", "best", "teacher",
+                                                                 "student")}
+        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "settings": settings,
+                                         "pipeline": rows, "ratios": ratios}, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

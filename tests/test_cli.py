@@ -244,11 +244,11 @@ def test_demo_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.Captu
 @pytest.mark.slow
 def test_demo_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("padkd.report")
-    import padkd.demo
+    import padkd.demos.classification as demo
 
     # The demo's teacher (cnn 32-64-128) alone takes ~10 s on two cores; a small one keeps the test quick
     # while running the same code path (teacher, five students, results.json, report).
-    monkeypatch.setattr(padkd.demo, "TEACHER", {"name": "cnn", "widths": [8, 16]})
+    monkeypatch.setattr(demo, "TEACHER", {"name": "cnn", "widths": [8, 16]})
     out = tmp_path / "demo"
     code, stdout, err = call(["demo", "--quick", "--seeds", "1", "--out", str(out), "--quiet"], capsys)
     assert code == 0, err

@@ -310,6 +310,7 @@ def test_batch_transform_rejects_bad_settings() -> None:
         ImageBatchTransform((0.5,), (0.0,))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_transforms_run_on_the_gpu(cifar100_root) -> None:
     root, _ = cifar100_root

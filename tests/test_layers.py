@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"assemble", "validate"},  # config -> objects, and the registry checks of a config
     {"engine"},
     {"report"},
-    {"demos", "demo", "study", "cli", "__init__", "__main__"},
+    {"demos", "study", "cli", "__init__", "__main__"},
 ]
 LAYER = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

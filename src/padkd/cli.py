@@ -154,7 +154,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         run_detection_demo(out, **options)
         return 0
-    from padkd.demo import run_demo
+    from padkd.demos.classification import run_demo
 
     run_demo(out, **options)
     return 0

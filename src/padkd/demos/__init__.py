@@ -1,4 +1,4 @@
-"""Embedded demos of tasks beyond classification (the classification demo is `padkd.demo`): they train
+"""The embedded demos of `padkd demo`, one module per task (classification, retrieval, detection): they train
 small runs end to end, on digits or on data they generate (detection: shapes in the COCO format)."""
 
 from __future__ import annotations
