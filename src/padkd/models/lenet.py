@@ -1,5 +1,5 @@
 """A plain LeNet-style network (no BatchNorm): the student and teacher shape of the MNIST probe
-(`shared/probes/mnist_pad_probe_v2.py`), so the evidence study can rerun it inside padkd."""
+(docs/pad.md §3b: the project's early single-stage PAD experiment), so the evidence study can rerun it inside padkd."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ HINT_WEIGHT = 30.0
 #: FitNet between the students' and the teacher's second blocks: at the CRD benchmark's weight 100 it cost the
 #: student about 11 points in a scouting run (6 seeds), at 10 about 1.5.
 FITNET_WEIGHT = 10.0
-#: The probe's networks (shared/probes/mnist_pad_probe_v2.py): LeNet-style, no BatchNorm.
+#: The MNIST probe's networks (docs/pad.md §3b): LeNet-style, no BatchNorm.
 PROBE_TEACHER = {"name": "lenet", "channels": [32, 64], "hidden": 128}
 PROBE_STUDENT = {"name": "lenet", "channels": [2, 4], "hidden": 16}
 #: The weightings the issue names (padkd's `polynomial` is left out of the study to save time).
