@@ -442,6 +442,31 @@ def test_map_of_perfect_predictions_is_one_and_of_shifted_boxes_lower() -> None:
     assert coco_metrics(coco, wrong_class, [1, 2])["mAP"] == 0
     none = coco_metrics(coco, [], [1, 2])
     assert none["mAP"] == 0 and none["APl"] == -1  # no large object: pycocotools' -1
+    assert none["AR@100"] == 0 and none["ARl"] == -1
+
+
+def test_all_twelve_coco_stats_by_hand() -> None:
+    # Image 1: two objects of class 1, A small (10×10) and B medium (40×40); image 2: C of class 2, large
+    # (99×99 > 96²). Detections: A exact (score .9), B cut to 40×28.8 (IoU .72, score .8), C exact (.7).
+    # Over the ten IoU thresholds .50:.05:.95, B is found at the five up to .70.
+    coco = gt_coco({1: [(1, [5.0, 5.0, 10.0, 10.0]), (1, [50.0, 50.0, 40.0, 40.0])], 2: [(2, [0.0, 0.0, 99.0, 99.0])]})
+    detections = [{"image_id": 1, "category_id": 1, "bbox": [5.0, 5.0, 10.0, 10.0], "score": 0.9},
+                  {"image_id": 1, "category_id": 1, "bbox": [50.0, 50.0, 40.0, 28.8], "score": 0.8},
+                  {"image_id": 2, "category_id": 2, "bbox": [0.0, 0.0, 99.0, 99.0], "score": 0.7}]
+    # AP of class 1 where B is missed: precision 1 up to recall 1/2, i.e. at 51 of the 101 recall points.
+    missed = 51 / 101
+    expected = {
+        "mAP": ((5 + 5 * missed) / 10 + 1) / 2, "AP50": 1.0, "AP75": (missed + 1) / 2,
+        "APs": 1.0,  # A only (C's class has no small object: left out of the mean)
+        "APm": 0.5,  # B: found at 5 thresholds; at the others its detection is a false positive
+        "APl": 1.0,  # C only
+        "AR@1": (0.5 + 1) / 2,  # one detection per image and class: A's, so class 1 recalls 1 of 2
+        "AR@10": ((1 + 0.5) / 2 + 1) / 2, "AR@100": ((1 + 0.5) / 2 + 1) / 2,
+        "ARs": 1.0, "ARm": 0.5, "ARl": 1.0,
+    }
+    metrics = coco_metrics(coco, detections, [1, 2])
+    assert list(metrics) == list(expected)
+    assert metrics == pytest.approx(expected, abs=1e-12)
 
 
 def test_evaluator_maps_detections_back_to_the_annotation_file() -> None:
@@ -608,7 +633,8 @@ def test_cli_trains_distils_and_evaluates_a_tiny_detector(tmp_path: Path, write_
     assert main(["train", str(student), "--quiet"]) == 0
     capsys.readouterr()
     final = json.loads((tmp_path / "s" / "final.json").read_text())
-    assert final["primary_metric"] == "mAP" and set(final["last"]) == {"mAP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert final["primary_metric"] == "mAP" and set(final["last"]) == {"mAP", "AP50", "AP75", "APs", "APm", "APl",
+                                                                  "AR@1", "AR@10", "AR@100", "ARs", "ARm", "ARl"}
     records = (tmp_path / "s" / "records" / "0-main-test.csv").read_text().splitlines()
     assert records[0].split(",")[:5] == ["index", "gt_boxes", "detections", "recall50", "precision50"]
     assert "fgfi.log_var" in records[0] and "roi.log_var" in records[0] and len(records) == 5

@@ -26,14 +26,16 @@ from padkd.distributed import all_gather_object, broadcast_object, is_distribute
 from padkd.errors import PadkdError
 from padkd.tasks.base import TASKS, Evaluator, Task
 
-#: pycocotools' first six summary numbers, in its order (AP over IoU .50:.95, at .50, at .75; small/medium/large).
-METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+#: pycocotools' twelve summary numbers, in its order: AP over IoU .50:.95, at .50, at .75, and over .50:.95 for
+#: small/medium/large objects (100 detections per image); AR over .50:.95 with at most 1, 10 and 100 detections
+#: per image, and with 100 for small/medium/large objects.
+METRICS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR@1", "AR@10", "AR@100", "ARs", "ARm", "ARl")
 
 
 def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: list[int]) -> dict[str, float]:
     """COCOeval (bbox) of `detections` (COCO result dicts: image_id, category_id, bbox xywh, score) on the
-    images `image_ids` of the ground truth `coco_gt`. Values in [0, 1]; -1 where a size range has no
-    ground truth (pycocotools' convention)."""
+    images `image_ids` of the ground truth `coco_gt`: its twelve summary numbers, named as in `METRICS`.
+    Values in [0, 1]; -1 where a size range has no ground truth (pycocotools' convention)."""
     from pycocotools.cocoeval import COCOeval
 
     from padkd.data.coco import quiet_coco
@@ -51,7 +53,7 @@ def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: list
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {name: float(value) for name, value in zip(METRICS, evaluation.stats[:6], strict=True)}
+    return {name: float(value) for name, value in zip(METRICS, evaluation.stats, strict=True)}
 
 
 class CocoEvaluator(Evaluator):

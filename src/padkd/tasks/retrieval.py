@@ -1,9 +1,12 @@
-"""Metric learning (image retrieval): embeddings trained with a metric loss, evaluated by Recall@K and NMI.
+"""Metric learning (image retrieval): embeddings trained with a metric loss, evaluated by Recall@K, MAP@R,
+R-precision and NMI.
 
 The protocol is that of RKD (Park et al., Relational Knowledge Distillation, CVPR 2019): train on the
 first half of the classes, retrieve among the unseen second half. Every test sample is a query against
 all the others (the query itself excluded); Recall@K is the percentage of queries with a sample of their
 own class among their K nearest neighbours (Euclidean distance on the model's L2-normalised output).
+MAP@R and R-precision (Musgrave et al., A Metric Learning Reality Check, ECCV 2020) look at the query's
+first R neighbours, R being the number of other samples of its class.
 
 Nearest neighbours are exact. The torch search runs in blocks of `chunk_size` queries, so the full
 N × N distance matrix never exists (Stanford Online Products: 60k × 60k); ties in distance go to the
@@ -13,6 +16,8 @@ lower dataset index. With faiss installed (`pip install padkd[faiss]`), CPU sear
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -97,36 +102,71 @@ def recall_at(neighbours: Tensor, labels: Tensor, ks: tuple[int, ...]) -> dict[s
     return {f"recall@{k}": 100.0 * float(hits[:, :k].any(1).double().mean()) for k in ks}
 
 
-def clustering_nmi(embeddings: Tensor, labels: Tensor, seed: int = 0) -> float:
+def r_metrics(neighbours: Tensor, labels: Tensor) -> dict[str, float]:
+    """MAP@R and R-precision in percent, as pytorch-metric-learning's `AccuracyCalculator` computes them.
+
+    R is the number of other samples of the query's class, and `neighbours` (`[N, k]`, nearest first)
+    must hold at least the largest R columns. R-precision: the share of the first R neighbours of the
+    query's class. MAP@R: the mean over those R ranks of the precision at each rank holding one of its
+    class (0 at the others). Queries alone in their class have no R and are left out (NaN if all are)."""
+    _, label_ids = torch.unique(labels, return_inverse=True)
+    r = torch.bincount(label_ids)[label_ids] - 1
+    depth = int(r.max())
+    if neighbours.shape[1] < depth:
+        raise ValueError(f"MAP@R needs the {depth} nearest neighbours of each query, got {neighbours.shape[1]}")
+    if depth == 0:
+        return {"map@r": float("nan"), "r_precision": float("nan")}
+    ranks = torch.arange(1, depth + 1, device=labels.device)
+    relevant = (labels[neighbours[:, :depth]] == labels[:, None]) & (ranks[None, :] <= r[:, None])
+    hits = relevant.cumsum(1)
+    average_precision = ((hits * relevant).double() / ranks).sum(1) / r
+    precision = relevant.sum(1).double() / r
+    kept = r > 0
+    return {"map@r": 100.0 * float(average_precision[kept].mean()),
+            "r_precision": 100.0 * float(precision[kept].mean())}
+
+
+def clustering_nmi(embeddings: Tensor, labels: Tensor, seed: int = 0, n_init: int = 10) -> float:
     """Normalised mutual information (arithmetic mean normalisation, scikit-learn's default) between the
-    labels and a k-means clustering of the embeddings into as many clusters as there are labels."""
+    labels and a k-means clustering of the embeddings into as many clusters as there are labels.
+
+    k-means++ runs `n_init` times from `seed` and keeps the lowest inertia: one run's NMI moves by
+    several points with the seed on the same embeddings, ten (scikit-learn's default before 1.4) much less."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
 
     y = labels.cpu().numpy()
     n_clusters = len(np.unique(y))
-    clusters = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit_predict(
+    clusters = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(
         embeddings.detach().float().cpu().numpy())
     return float(normalized_mutual_info_score(y, clusters))
 
 
 def retrieval_metrics(embeddings: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 2, 4, 8), with_nmi: bool = True,
-                      chunk_size: int = 1024, search: Search = "auto") -> dict[str, float]:
-    """Recall@K (percent) for every K in `ks` and, if asked, NMI, over one set of embeddings (all queries)."""
-    k = min(max(ks), embeddings.shape[0] - 1)
+                      chunk_size: int = 1024, search: Search = "auto", with_map_at_r: bool = True,
+                      nmi_n_init: int = 10) -> dict[str, float]:
+    """Recall@K (percent) for every K in `ks` and, if asked, MAP@R and R-precision (percent) and NMI,
+    over one set of embeddings (all queries); one exact search serves Recall@K and MAP@R."""
+    n = embeddings.shape[0]
+    k = min(max(ks), n - 1)
+    if with_map_at_r:
+        k = max(k, int(torch.unique(labels, return_counts=True)[1].max()) - 1)
     found = nearest_neighbours(embeddings, k, chunk_size, search)
-    metrics = recall_at(found, labels.to(found.device), ks)
+    labels = labels.to(found.device)
+    metrics = recall_at(found, labels, ks)
+    if with_map_at_r:
+        metrics.update(r_metrics(found, labels))
     if with_nmi:
-        metrics["nmi"] = clustering_nmi(embeddings, labels)
+        metrics["nmi"] = clustering_nmi(embeddings, labels, n_init=nmi_n_init)
     return metrics
 
 
 class RetrievalEvaluator(Evaluator):
     """Keeps every embedding of the split; `compute()` gathers them from all ranks (in dataset order),
-    computes the metrics on rank 0 and shares them."""
+    computes `metrics(embeddings, labels)` on rank 0 and shares the result."""
 
-    def __init__(self, ks: tuple[int, ...], with_nmi: bool, chunk_size: int, search: Search) -> None:
-        self.ks, self.with_nmi, self.chunk_size, self.search = ks, with_nmi, chunk_size, search
+    def __init__(self, metrics: Callable[[Tensor, Tensor], dict[str, float]]) -> None:
+        self.metrics = metrics
         self.parts: dict[str, list[Tensor]] = {"embedding": [], "label": [], "index": []}
 
     def update(self, output: Tensor, batch: Batch) -> None:
@@ -141,19 +181,21 @@ class RetrievalEvaluator(Evaluator):
         order = gathered["index"].argsort()  # rank order → dataset order: the same result with any world size
         metrics: Any = None
         if not is_distributed() or dist.get_rank() == 0:
-            metrics = retrieval_metrics(gathered["embedding"][order], gathered["label"][order], self.ks,
-                                        self.with_nmi, self.chunk_size, self.search)
+            metrics = self.metrics(gathered["embedding"][order], gathered["label"][order])
         return broadcast_object(metrics)  # type: ignore[return-value]
 
 
 @TASKS.register("retrieval")
 class Retrieval(Task):
-    """Metric learning: a metric loss on L2-normalised embeddings; Recall@K and NMI on unseen classes.
+    """Metric learning: a metric loss on L2-normalised embeddings; Recall@K, MAP@R, R-precision and NMI
+    on unseen classes.
 
     `loss`: `triplet_distance_weighted` (margin triplet with distance-weighted negatives, Wu et al. 2017,
     the RKD teachers' loss), `triplet_batch_hard` (hardest positive and negative per anchor, Hermans et
     al. 2017) or `multi_similarity` (Wang et al. 2019, with its pair miner); all from
     pytorch-metric-learning. Triplet losses average over every mined triplet (RKD's reduction).
+    `map_at_r`: also MAP@R and R-precision (the search then keeps each query's R nearest neighbours, an
+    `[N, max R]` index matrix); `nmi_n_init`: k-means initialisations behind NMI.
     Model factories receive `in_channels` only; the embedding size is a model option.
     """
 
@@ -172,7 +214,9 @@ class Retrieval(Task):
         ms_base: float = 0.5,
         ms_epsilon: float = 0.1,
         recall_at: tuple[int, ...] = (1, 2, 4, 8),
+        map_at_r: bool = True,
         nmi: bool = True,
+        nmi_n_init: int = 10,
         chunk_size: int = 1024,
         search: Search = "auto",
         record_neighbours: int = 4,
@@ -180,12 +224,14 @@ class Retrieval(Task):
         if 1 not in recall_at or min(recall_at) < 1:
             raise ValueError(f"recall_at must hold positive K values including 1 (recall@1 selects models), "
                              f"got {list(recall_at)}")
-        if chunk_size < 1 or record_neighbours < 1:
-            raise ValueError("chunk_size and record_neighbours must be >= 1")
+        if chunk_size < 1 or record_neighbours < 1 or nmi_n_init < 1:
+            raise ValueError("chunk_size, record_neighbours and nmi_n_init must be >= 1")
         from pytorch_metric_learning import losses, miners, reducers
 
-        self.ks = tuple(sorted(set(recall_at)))
-        self.with_nmi, self.chunk_size, self.search, self.record_neighbours = nmi, chunk_size, search, record_neighbours
+        self.chunk_size, self.search, self.record_neighbours = chunk_size, search, record_neighbours
+        self.metrics = functools.partial(retrieval_metrics, ks=tuple(sorted(set(recall_at))), with_nmi=nmi,
+                                         chunk_size=chunk_size, search=search, with_map_at_r=map_at_r,
+                                         nmi_n_init=nmi_n_init)
         self.metric_loss: Any
         self.miner: Any
         if loss == "multi_similarity":
@@ -202,7 +248,7 @@ class Retrieval(Task):
         return self.metric_loss(embeddings, labels, self.miner(embeddings, labels))
 
     def evaluator(self) -> Evaluator:
-        return RetrievalEvaluator(self.ks, self.with_nmi, self.chunk_size, self.search)
+        return RetrievalEvaluator(self.metrics)
 
     def record_columns(self, student: Tensor, teacher: Tensor | None, batch: Batch) -> dict[str, Tensor]:
         # The embeddings ride along as `[B, D]` columns; `finish_records` turns them into neighbour columns.
