@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from padkd import checkpoint as ckpt
+from padkd import files
 from padkd.assemble import make_data, make_model, make_task
 from padkd.cli import main
 from padkd.config import load_config, parse_config
@@ -55,24 +56,25 @@ def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
 
 
 def _writes(monkeypatch: pytest.MonkeyPatch, kill_at: int | None) -> list[str]:
-    """Count the run's writes (checkpoints and metrics events); raise SimulatedKill before write `kill_at`."""
+    """Count the run's writes (whole files: config.yaml, checkpoints, final.json; and metrics events); raise
+    SimulatedKill before write `kill_at`."""
     seen: list[str] = []
-    save, event = ckpt.atomic_save, MetricsLog.event
+    save, event = files.atomic_write, MetricsLog.event
 
     def guard(what: str) -> None:
         if kill_at is not None and len(seen) == kill_at:
             raise SimulatedKill(what)
         seen.append(what)
 
-    def atomic_save(obj: Any, path: Path) -> None:
+    def atomic_write(path: Path, write: Any) -> None:
         guard(path.name)
-        save(obj, path)
+        save(path, write)
 
     def logged(self: MetricsLog, record: dict[str, Any], step: int | None = None) -> None:
         guard(record["event"])
         event(self, record, step)
 
-    monkeypatch.setattr(ckpt, "atomic_save", atomic_save)
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
     monkeypatch.setattr(MetricsLog, "event", logged)
     return seen
 
@@ -84,7 +86,7 @@ def test_a_kill_at_any_write_resumes_to_the_same_run_and_the_same_best(tmp_path:
     with monkeypatch.context() as patch:
         writes = _writes(patch, None)
         reference = run(raw)
-    assert writes.count("last.pt") == 3 and writes[-1] == "final"
+    assert writes.count("last.pt") == 3 and writes[0] == "config.yaml" and writes[-2:] == ["final", "final.json"]
     best_ref = ckpt.load(tmp_path / "reference/checkpoints/best.pt")
     events_ref = [e for e in read_metrics(tmp_path / "reference") if e["event"] == "epoch"]
     for k in range(len(writes)):
@@ -243,7 +245,7 @@ def test_temporaries_of_dead_writers_are_removed_on_start(tmp_path: Path) -> Non
     mine = folder / f".best.pt.tmp-{os.getpid()}-efgh"
     dead.write_bytes(b"half a checkpoint")
     mine.write_bytes(b"being written")
-    assert ckpt.remove_stale_temporaries(folder) == [dead]
+    assert files.remove_stale_temporaries(folder) == [dead]
     assert not dead.exists() and mine.exists()
 
 
