@@ -173,6 +173,7 @@ def test_a_run_whose_checkpoints_are_gone_is_refused_not_restarted(tmp_path: Pat
 # ---------------------------------------------------------------- 3. atomic rewrites
 
 
+@pytest.mark.slow  # subprocesses
 def test_rewrites_at_start_keep_the_old_file_when_a_write_fails(tmp_path: Path, interrupted, finished,
                                                                 write_yaml) -> None:
     """A write that fails midway (here: over RLIMIT_FSIZE, as a full disk or a kill would) must leave
@@ -250,6 +251,7 @@ def _c_locale(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow  # subprocesses
 def test_the_c_locale_gets_one_line_and_the_right_hint(tmp_path: Path, plain_config, write_yaml) -> None:
     config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "runs" / "café"))
     proc = _c_locale(["-m", "padkd.cli", "train", str(config)], tmp_path)
@@ -433,10 +435,12 @@ def test_resume_by_a_relative_path_a_symlink_or_after_a_move(tmp_path: Path, fin
     shutil.copytree(out, moved)  # its config.yaml still names the old place
     (tmp_path / "link").symlink_to(moved)
     monkeypatch.chdir(tmp_path)
+    logged = {**raw["log"], "interval": 7}  # a resumable change, recorded beside the move
     for name in ("moved", str(tmp_path / "link"), str(moved)):
-        assert train({**raw, "output_dir": name}, resume=True) == final
-    moves = [e for e in read_metrics(moved) if e["event"] == "resume" and "output_dir" in e["changes"]]
-    assert moves and moves[0]["changes"]["output_dir"] == {"was": str(out), "now": "moved"}
+        assert train({**raw, "output_dir": name, "log": logged}, resume=True) == final
+    changes = [e["changes"] for e in read_metrics(moved) if e["event"] == "resume"]
+    assert changes == [{"output_dir": {"was": str(out), "now": "moved"}, "log.interval": {"was": 20, "now": 7}},
+                       {}, {}]
 
 
 # ---------------------------------------------------------------- 10. non-finite or impossible state
@@ -543,3 +547,22 @@ def test_every_atomic_write_fsyncs_the_file_and_its_folder(tmp_path: Path, plain
     written = {Path(p).name.split(".tmp-")[0] for p, is_dir in synced if not is_dir}
     assert {"run", "checkpoints"} <= folders
     assert {".config.yaml", ".final.json", ".last.pt", ".best.pt", "metrics.jsonl"} <= written
+
+
+def test_a_start_that_crashed_leaves_its_directory_reusable(tmp_path: Path, plain_config, write_yaml,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from padkd.engine import trainer as trainer_module
+
+    real = trainer_module.make_data
+
+    def broken(cfg: Any) -> Any:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(trainer_module, "make_data", broken)
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
+    assert main(["train", str(config), "--quiet"]) == 1
+    assert len(list((tmp_path / "run").glob("padkd-crash-*.log"))) == 1
+    monkeypatch.setattr(trainer_module, "make_data", real)
+    capsys.readouterr()
+    assert main(["train", str(config), "--quiet"]) == 0, capsys.readouterr().err

@@ -104,7 +104,8 @@ def append(path: Path, data: bytes) -> None:
     """Append `data` in one write and fsync; never through a symlink."""
     fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(fd, data)
+        while data:
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)

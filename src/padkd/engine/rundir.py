@@ -34,6 +34,8 @@ RUN_FILES = (LOCK_NAME, "config.yaml", "metrics.jsonl", "final.json")
 RUN_FOLDERS = ("checkpoints", "records", "tensorboard")
 #: What a start that failed before its first checkpoint may leave: such a directory is reused.
 FAILED_START = frozenset({LOCK_NAME, "config.yaml", "metrics.jsonl", "tensorboard", "checkpoints"})
+#: The crash reports of `padkd` (cli): a start that crashed leaves one, and its directory stays reusable.
+CRASH_REPORT = re.compile(r"^padkd-crash-[0-9-]+-\w+\.log$")
 #: Config keys (dotted, list indices as numbers) that may differ when a run is resumed: where data come
 #: from and how they are loaded, logging, the device, compilation, and (lowered only, in a stage that has
 #: not finished) a stage's learning rate, to continue past a NaN from the last good checkpoint.
@@ -120,7 +122,8 @@ def check(run_dir: Path, resume: bool) -> bool:
         raise PadkdError(f"output_dir '{run_dir}' holds a run that trained ({trace}) but no checkpoint "
                          "(checkpoints/last.pt and best.pt are gone), so it cannot be resumed; restore the "
                          "checkpoints, or start over in another output_dir")
-    if any(p.name not in FAILED_START and not files.is_temporary(p.name) for p in run_dir.iterdir()):
+    if any(p.name not in FAILED_START and not files.is_temporary(p.name) and not CRASH_REPORT.match(p.name)
+           for p in run_dir.iterdir()):
         raise PadkdError(f"output_dir '{run_dir}' is not empty and holds no padkd run; "
                          "choose an empty or new directory")
     return False

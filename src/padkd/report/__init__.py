@@ -164,7 +164,7 @@ def _records_in(run_dir: Path, term: str | None) -> tuple[Path, str] | None:
     candidates = []
     for path in (run_dir / "records").glob("*.csv"):
         match = _RECORDS.match(path.name)
-        if match:
+        if match and path.is_file():
             candidates.append((-int(match.group(1)), SPLITS.index(match.group(3)), path))
     for *_, path in sorted(candidates):
         header = read_header(path)
