@@ -35,16 +35,6 @@ def run(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     return Trainer(parse_config(copy.deepcopy(raw)), quiet=True, **kwargs).run().final
 
 
-def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("padkd: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
     import yaml
 
@@ -253,7 +243,7 @@ def test_temporaries_of_dead_writers_are_removed_on_start(tmp_path: Path) -> Non
 
 
 def test_export_refuses_to_overwrite_a_run_checkpoint_or_a_directory(tmp_path: Path, plain_config,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                                     capsys, one_line_error) -> None:
     out = tmp_path / "run"
     run(plain_config(out))
     last = out / "checkpoints/last.pt"
@@ -265,7 +255,7 @@ def test_export_refuses_to_overwrite_a_run_checkpoint_or_a_directory(tmp_path: P
 
 
 def test_output_dir_that_is_a_file_or_below_a_file(tmp_path: Path, plain_config, write_yaml,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys, one_line_error) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for target in (blocker, blocker / "run"):
@@ -287,7 +277,7 @@ def test_output_dir_that_is_a_file_or_below_a_file(tmp_path: Path, plain_config,
     (b"#" * (2 << 20), "too large for a config"),
 ])
 def test_hostile_config_files_fail_fast_with_one_line(tmp_path: Path, content: bytes, fragment: str,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      capsys, one_line_error) -> None:
     import time
 
     path = tmp_path / "c.yaml"
@@ -315,7 +305,7 @@ def test_error_messages_never_echo_a_huge_value(plain_config) -> None:
     ("stages.0.terms.0.weight=.nan", "weight"), ("stages.0.terms.0.weighting.warmup_steps=-1", "warmup_steps"),
 ])
 def test_values_that_pass_types_but_make_no_sense(override: str, fragment: str, tmp_path: Path, plain_config,
-                                                 write_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+                                                 write_yaml, capsys, one_line_error) -> None:
     raw = plain_config(tmp_path / "run")
     raw["teacher"] = {"model": {"name": "cnn", "widths": [4]}}
     raw["stages"][0]["terms"] = [{"method": {"name": "hint"}, "weighting": {"name": "pad"},

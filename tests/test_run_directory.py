@@ -42,17 +42,6 @@ def stop_after(step: int) -> Any:
     return callback
 
 
-def cli_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
-    """`padkd ARGV` exits 2 with one line holding every fragment."""
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("padkd: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def copy_run(source: Path, target: Path, raw: dict[str, Any]) -> dict[str, Any]:
     """A copy of a run directory as if it had been trained at `target` (its config.yaml says so)."""
     shutil.copytree(source, target, symlinks=True)
@@ -206,26 +195,26 @@ BOMB = "bomb0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     ("note: café\n".encode("latin-1"), "not UTF-8"),
 ])
 def test_a_runs_config_yaml_is_read_within_the_limits(tail: bytes, fragment: str, tmp_path: Path, finished,
-                                                      write_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+                                                      write_yaml, capsys, one_line_error) -> None:
     raw = copy_run(finished[0], tmp_path / "run", finished[1])
     with open(tmp_path / "run" / "config.yaml", "ab") as f:
         f.write(tail)
     config = write_yaml(tmp_path / "c.yaml", raw)
-    cli_error(["train", str(config), "--resume", "--quiet"], capsys, fragment, "config.yaml")
-    cli_error(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")], capsys, fragment)
+    one_line_error(["train", str(config), "--resume", "--quiet"], capsys, fragment, "config.yaml")
+    one_line_error(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")], capsys, fragment)
 
 
 # ---------------------------------------------------------------- 5. extends
 
 
 def test_extends_takes_relative_yaml_paths_and_caps_what_it_reads(tmp_path: Path, plain_config, write_yaml,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  capsys, one_line_error) -> None:
     secret = tmp_path / "accounts"
     secret.write_text("root: x:0:0:root:/root:/bin/bash\n")
     (tmp_path / "recipes").mkdir()
     for base in (str(secret), "../accounts", str(tmp_path / "recipes" / "base.yaml")):
         write_yaml(tmp_path / "recipes" / "c.yaml", {"extends": base})
-        err = cli_error(["train", str(tmp_path / "recipes" / "c.yaml")], capsys, "relative path to a .yaml")
+        err = one_line_error(["train", str(tmp_path / "recipes" / "c.yaml")], capsys, "relative path to a .yaml")
         assert "/bin/bash" not in err and "x:0:0" not in err
     write_yaml(tmp_path / "shared" / "base.yaml", plain_config(tmp_path / "run"))
     write_yaml(tmp_path / "recipes" / "c.yaml", {"extends": "../shared/base.yaml", "seed": 3})
@@ -234,11 +223,11 @@ def test_extends_takes_relative_yaml_paths_and_caps_what_it_reads(tmp_path: Path
     assert load_config(tmp_path / "recipes" / "c.yaml").seed == 3  # shared bases one folder up stay usable
 
 
-def test_a_config_is_capped_by_the_bytes_read_not_the_size_reported(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_config_is_capped_by_the_bytes_read_not_the_size_reported(capsys, one_line_error) -> None:
     path = Path("/proc/kallsyms")  # reports size 0, holds megabytes
     if not path.is_file() or len(path.read_bytes()) <= 1 << 20:
         pytest.skip("no procfs file larger than the config limit here")
-    cli_error(["train", str(path)], capsys, "too large")
+    one_line_error(["train", str(path)], capsys, "too large")
 
 
 # ---------------------------------------------------------------- 6. the C locale
@@ -321,11 +310,11 @@ def _append(path: Path, text: str, encoding: str = "utf-8") -> None:
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_bad_run_files_on_resume_get_one_line(case: str, tmp_path: Path, interrupted, write_yaml,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                              capsys, one_line_error) -> None:
     raw = copy_run(interrupted[0], tmp_path / "run", interrupted[1])
     edit, fragment = RESUME_CASES[case]
     edit(tmp_path / "run")
-    cli_error(["train", str(write_yaml(tmp_path / "c.yaml", raw)), "--resume", "--quiet"], capsys, fragment)
+    one_line_error(["train", str(write_yaml(tmp_path / "c.yaml", raw)), "--resume", "--quiet"], capsys, fragment)
 
 
 def _records(out: Path, text: bytes) -> None:
@@ -348,35 +337,35 @@ REPORT_CASES = {
 
 @pytest.mark.parametrize("case", list(REPORT_CASES))
 def test_bad_run_files_in_a_report_get_one_line(case: str, tmp_path: Path, finished,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capsys, one_line_error) -> None:
     copy_run(finished[0], tmp_path / "run", finished[1])
     edit, fragment = REPORT_CASES[case]
     edit(tmp_path / "run")
-    cli_error(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")], capsys, fragment)
+    one_line_error(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")], capsys, fragment)
 
 
 def test_bad_overrides_extends_chains_and_import_options_get_one_line(tmp_path: Path, plain_config, write_yaml,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                                      capsys, one_line_error) -> None:
     config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
-    cli_error(["train", str(config), "stages.\u00b2.epochs=1"], capsys, "not an index")
+    one_line_error(["train", str(config), "stages.\u00b2.epochs=1"], capsys, "not an index")
     for i in range(1500):
         (tmp_path / f"chain{i}.yaml").write_text(f"extends: chain{i + 1}.yaml\n")
     (tmp_path / "chain1500.yaml").write_text(config.read_text())
-    cli_error(["train", str(tmp_path / "chain0.yaml")], capsys, "extends", "deep")
+    one_line_error(["train", str(tmp_path / "chain0.yaml")], capsys, "extends", "deep")
     from padkd.models import MODELS
 
     source = tmp_path / "teacher.pth"
     torch.save(MODELS.create("cnn", {"widths": [4, 8]}, "m", in_channels=1, num_classes=10).state_dict(), source)
     out = str(tmp_path / "t.pt")
-    cli_error(["import-teacher", str(source), "--model", "cnn", "--option", "widths=[1", "-o", out], capsys,
+    one_line_error(["import-teacher", str(source), "--model", "cnn", "--option", "widths=[1", "-o", out], capsys,
               "--option", "not valid YAML")
-    cli_error(["import-teacher", str(source), "--model", "cnn", "--num-classes", "-3", "-o", out], capsys,
+    one_line_error(["import-teacher", str(source), "--model", "cnn", "--num-classes", "-3", "-o", out], capsys,
               "--num-classes -3")
     assert not Path(out).exists()
 
 
 def test_raw_pickles_get_padkds_line_and_its_warning_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                          write_yaml, plain_config) -> None:
+                                                          write_yaml, plain_config, one_line_error) -> None:
     import pickle
     import warnings
 
@@ -390,7 +379,7 @@ def test_raw_pickles_get_padkds_line_and_its_warning_alone(tmp_path: Path, capsy
                  ["train", str(write_yaml(tmp_path / "c.yaml", cfg)), "--quiet"]):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cli_error(argv, capsys, "not a readable", "weights_only=False could run arbitrary code")
+            one_line_error(argv, capsys, "not a readable", "weights_only=False could run arbitrary code")
         assert [str(w.message) for w in caught] == []
 
 
@@ -446,13 +435,13 @@ def test_resume_by_a_relative_path_a_symlink_or_after_a_move(tmp_path: Path, fin
 # ---------------------------------------------------------------- 10. non-finite or impossible state
 
 
-def test_import_teacher_refuses_nan_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_import_teacher_refuses_nan_weights(tmp_path: Path, capsys, one_line_error) -> None:
     from padkd.models import MODELS
 
     state = MODELS.create("cnn", {"widths": [4, 8]}, "m", in_channels=3, num_classes=10).state_dict()
     state["fc.weight"][0, 0] = float("nan")  # fits the model import-teacher builds (3 input channels)
     torch.save(state, tmp_path / "nan.pth")
-    cli_error(["import-teacher", str(tmp_path / "nan.pth"), "--model", "cnn", "--option", "widths=[4, 8]",
+    one_line_error(["import-teacher", str(tmp_path / "nan.pth"), "--model", "cnn", "--option", "widths=[4, 8]",
                "-o", str(tmp_path / "t.pt")], capsys, "NaN/inf", "fc.weight")
     assert not (tmp_path / "t.pt").exists()
 
