@@ -91,3 +91,21 @@ def write_yaml() -> Callable[[Path, dict[str, Any]], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def one_line_error() -> Callable[..., str]:
+    """`one_line_error(argv, capsys, *fragments)`: `padkd ARGV` exits 2 with one `padkd: error:` line (no
+    traceback) holding every fragment; returns that line."""
+    from padkd.cli import main
+
+    def check(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1 and err.startswith("padkd: error: ") and "Traceback" not in err, err
+        for fragment in fragments:
+            assert fragment in err, err
+        return err
+
+    return check

@@ -394,7 +394,10 @@ def test_resume_mid_epoch_replays_the_interrupted_stage_exactly(run_a, run_b) ->
     a_events, b_events = epoch_events(a_dir), epoch_events(b_dir)
     assert [e for e in b_events if e["stage"] == 0] == [e for e in a_events if e["stage"] == 0]
     kinds = [e["event"] for e in read_metrics(b_dir)]
-    assert kinds == ["teacher", "epoch", "epoch", "epoch", "final"]  # no duplicate or stale events
+    assert kinds == ["teacher", "epoch", "resume", "epoch", "epoch", "final"]  # no duplicate or stale events
+    resumed = next(e for e in read_metrics(b_dir) if e["event"] == "resume")
+    assert resumed == {"event": "resume", "stage": 0, "epoch": 1, "batch": 4, "global_step": 20,
+                       "checkpoint": "last.pt", "changes": {}}
 
 
 def test_resume_mid_epoch_matches_the_uninterrupted_run(run_a, run_b) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from padkd import checkpoint as ckpt
+from padkd import files
 from padkd.assemble import make_data, make_model, make_task
 from padkd.cli import main
 from padkd.config import load_config, parse_config
@@ -34,16 +35,6 @@ def run(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     return Trainer(parse_config(copy.deepcopy(raw)), quiet=True, **kwargs).run().final
 
 
-def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("padkd: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
-
 def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
     import yaml
 
@@ -55,24 +46,25 @@ def write_yaml(path: Path, raw: dict[str, Any]) -> Path:
 
 
 def _writes(monkeypatch: pytest.MonkeyPatch, kill_at: int | None) -> list[str]:
-    """Count the run's writes (checkpoints and metrics events); raise SimulatedKill before write `kill_at`."""
+    """Count the run's writes (whole files: config.yaml, checkpoints, final.json; and metrics events); raise
+    SimulatedKill before write `kill_at`."""
     seen: list[str] = []
-    save, event = ckpt.atomic_save, MetricsLog.event
+    save, event = files.atomic_write, MetricsLog.event
 
     def guard(what: str) -> None:
         if kill_at is not None and len(seen) == kill_at:
             raise SimulatedKill(what)
         seen.append(what)
 
-    def atomic_save(obj: Any, path: Path) -> None:
+    def atomic_write(path: Path, write: Any) -> None:
         guard(path.name)
-        save(obj, path)
+        save(path, write)
 
     def logged(self: MetricsLog, record: dict[str, Any], step: int | None = None) -> None:
         guard(record["event"])
         event(self, record, step)
 
-    monkeypatch.setattr(ckpt, "atomic_save", atomic_save)
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
     monkeypatch.setattr(MetricsLog, "event", logged)
     return seen
 
@@ -84,7 +76,7 @@ def test_a_kill_at_any_write_resumes_to_the_same_run_and_the_same_best(tmp_path:
     with monkeypatch.context() as patch:
         writes = _writes(patch, None)
         reference = run(raw)
-    assert writes.count("last.pt") == 3 and writes[-1] == "final"
+    assert writes.count("last.pt") == 3 and writes[0] == "config.yaml" and writes[-2:] == ["final", "final.json"]
     best_ref = ckpt.load(tmp_path / "reference/checkpoints/best.pt")
     events_ref = [e for e in read_metrics(tmp_path / "reference") if e["event"] == "epoch"]
     for k in range(len(writes)):
@@ -243,7 +235,7 @@ def test_temporaries_of_dead_writers_are_removed_on_start(tmp_path: Path) -> Non
     mine = folder / f".best.pt.tmp-{os.getpid()}-efgh"
     dead.write_bytes(b"half a checkpoint")
     mine.write_bytes(b"being written")
-    assert ckpt.remove_stale_temporaries(folder) == [dead]
+    assert files.remove_stale_temporaries(folder) == [dead]
     assert not dead.exists() and mine.exists()
 
 
@@ -251,7 +243,7 @@ def test_temporaries_of_dead_writers_are_removed_on_start(tmp_path: Path) -> Non
 
 
 def test_export_refuses_to_overwrite_a_run_checkpoint_or_a_directory(tmp_path: Path, plain_config,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                                     capsys, one_line_error) -> None:
     out = tmp_path / "run"
     run(plain_config(out))
     last = out / "checkpoints/last.pt"
@@ -263,7 +255,7 @@ def test_export_refuses_to_overwrite_a_run_checkpoint_or_a_directory(tmp_path: P
 
 
 def test_output_dir_that_is_a_file_or_below_a_file(tmp_path: Path, plain_config, write_yaml,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys, one_line_error) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for target in (blocker, blocker / "run"):
@@ -285,7 +277,7 @@ def test_output_dir_that_is_a_file_or_below_a_file(tmp_path: Path, plain_config,
     (b"#" * (2 << 20), "too large for a config"),
 ])
 def test_hostile_config_files_fail_fast_with_one_line(tmp_path: Path, content: bytes, fragment: str,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      capsys, one_line_error) -> None:
     import time
 
     path = tmp_path / "c.yaml"
@@ -313,7 +305,7 @@ def test_error_messages_never_echo_a_huge_value(plain_config) -> None:
     ("stages.0.terms.0.weight=.nan", "weight"), ("stages.0.terms.0.weighting.warmup_steps=-1", "warmup_steps"),
 ])
 def test_values_that_pass_types_but_make_no_sense(override: str, fragment: str, tmp_path: Path, plain_config,
-                                                 write_yaml, capsys: pytest.CaptureFixture[str]) -> None:
+                                                 write_yaml, capsys, one_line_error) -> None:
     raw = plain_config(tmp_path / "run")
     raw["teacher"] = {"model": {"name": "cnn", "widths": [4]}}
     raw["stages"][0]["terms"] = [{"method": {"name": "hint"}, "weighting": {"name": "pad"},

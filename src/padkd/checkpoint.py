@@ -3,19 +3,16 @@
 Full training state is written atomically and loaded with `weights_only=True`. This module knows
 nothing of the training loop: the engine, the CLI and `padkd import-teacher` all write through `save`.
 
-The LR schedule is a pure function of the step, so the step in `progress` is its whole state. A file
-is written to a temporary file created exclusively (O_EXCL, a random name holding the writer's pid) in
-the target folder, fsynced, renamed over the target, and the folder is fsynced: a reader sees the old
-file or the new one, never a torn one, and a planted symlink is never followed.
+The LR schedule is a pure function of the step, so the step in `progress` is its whole state. Files
+are written whole through `padkd.files.atomic_write` (temporary file, fsync, rename): a reader sees the
+old file or the new one, never a torn one, and a planted symlink is never followed.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import random
 import re
-import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from padkd import files
 from padkd.errors import PadkdError
 
 if TYPE_CHECKING:
@@ -30,60 +28,35 @@ if TYPE_CHECKING:
 
 FORMAT = "padkd-checkpoint"
 VERSION = 3
-_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:  # some file systems cannot fsync a directory; the rename is still atomic
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to an exclusively created temporary file beside `path`, fsync, rename over `path`,
-    fsync the folder. On any failure the previous file is untouched and the temporary file removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    tmp = Path(name)
+    """torch.save `obj` to `path` atomically (`padkd.files.atomic_write`): on any failure the previous file
+    is untouched, and a symlink planted at `path` is replaced, never followed."""
+    files.atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def torch_load(path: Path, what: str, allowed: tuple[type, ...] = ()) -> Any:
+    """torch.load with weights_only=True (nothing in the file can run), `allowed` classes besides; any
+    failure is one line in padkd's words, and torch's warnings about the file are not printed."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files that a killed writer left in `folder` (their pid no longer runs)."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        match = _TMP.match(path.name)
-        if match is None or _alive(int(match["pid"])):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": we say what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unpickling failure means: not a file we can read safely)
+        text = str(err)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            reason = f"it holds a {refused.group(1)} object"
+        else:
+            inner = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+            detail = inner.group(1) if inner else (text.strip().splitlines() or [""])[0]
+            reason = f"{type(err).__name__}{': ' + detail[:200] if detail else ''}"
+        if "weights_only" in text:  # the safe unpickler refused it: say what the unsafe way would risk
+            reason += ("; padkd reads files with torch.load(weights_only=True), which runs no code from them, and "
+                       "weights_only=False could run arbitrary code: where you trust the file, re-save its state "
+                       "dict alone (torch.save(state_dict, 'weights.pt')) and pass that")
+        raise PadkdError(f"'{path}' is not a readable {what} ({reason})") from None
 
 
 #: What each kind of file must hold, beside the header: key → type.
@@ -111,12 +84,7 @@ def load(path: Path, kind: str | None = None) -> dict[str, Any]:
         raise PadkdError(f"checkpoint '{path}' not found; pass a .pt file written by padkd or a run directory")
     if path.stat().st_size == 0:
         raise PadkdError(f"'{path}' is empty (0 bytes: a write that never finished?); use another checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any unpickling failure means: not our file)
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise PadkdError(f"'{path}' is not a readable padkd checkpoint ({type(err).__name__}"
-                         f"{': ' + detail if detail else ''})") from None
+    obj = torch_load(path, "padkd checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise PadkdError(f"'{path}' is not a padkd checkpoint (no '{FORMAT}' header); "
                          "export plain weights with `padkd export` or train with padkd")

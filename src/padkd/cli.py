@@ -100,8 +100,7 @@ def _defaults(factory: object) -> str:
 
 
 def _cmd_import_teacher(args: argparse.Namespace) -> int:
-    import yaml
-
+    from padkd.config import parse_value
     from padkd.models.convert import import_teacher
 
     options = {}
@@ -109,7 +108,7 @@ def _cmd_import_teacher(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise PadkdError(f"--option '{item}': write KEY=VALUE, e.g. --option width_mult=0.5")
-        options[key] = yaml.safe_load(value)
+        options[key] = parse_value(value, f"--option '{item}'")
     print(import_teacher(Path(args.source), Path(args.output), args.model, options, args.num_classes,
                          part=args.part))
     return 0
@@ -257,20 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _crash_report(args: argparse.Namespace) -> Path:
-    """Write the current exception's traceback to the run directory (else a temporary file); its path."""
+    """Write the current exception's traceback to the run directory (else a temporary file); its path.
+    Never raises: a folder that cannot be made or named (a full disk, the C locale) means the next one."""
     import tempfile
     import time
     import traceback
 
-    folder = getattr(args, "run_dir", None)
+    from padkd import files
+
     text = f"padkd {__version__}, {' '.join(sys.argv)}\n\n{traceback.format_exc()}"
-    name = f"padkd-crash-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    for target in ([Path(folder)] if folder is not None else []) + [Path(tempfile.gettempdir())]:
+    data = text.encode("utf-8", "backslashreplace")  # argv may hold undecodable bytes
+    folder = getattr(args, "run_dir", None)
+    for target in ([folder] if folder is not None else []) + [tempfile.gettempdir()]:
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            (target / name).write_text(text)
-            return target / name
-        except OSError:
+            Path(target).mkdir(parents=True, exist_ok=True)
+            return files.create_exclusive(Path(target), f"padkd-crash-{time.strftime('%Y%m%d-%H%M%S')}-", ".log",
+                                          data)
+        except Exception:  # noqa: BLE001, S112  (the crash path must not crash; try the next folder)
             continue
     return Path("(nowhere: no writable folder)")
 
@@ -297,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         print("padkd: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001  (one line, and the full story on disk for a bug report)
+        if isinstance(err, UnicodeEncodeError) and sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+            print(f"padkd: error: {str(err)[:200]}: this system's encoding is {sys.getfilesystemencoding()} (the C "
+                  "locale?); run padkd in a UTF-8 locale (e.g. LANG=C.UTF-8, or PYTHONUTF8=1)", file=sys.stderr)
+            return 2  # text or a name the locale cannot encode: the user's setting, not a bug
         report = _crash_report(args)
         print(f"padkd: internal error: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}; the full "
               f"traceback is in {report}; please report it", file=sys.stderr)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from padkd import files
 from padkd.errors import PadkdError, did_you_mean
 
 #: Limits on what is parsed, so a hostile or careless file fails fast with one line: its size, how deep
@@ -28,6 +31,9 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_OVERRIDE_CHARS = 10_000
 MAX_DEPTH = 40
 MAX_NODES = 100_000
+#: `extends` chains at most this many files deep, and one config reads at most MAX_CONFIG_FILES files.
+MAX_EXTENDS_DEPTH = 16
+MAX_CONFIG_FILES = 64
 
 
 class Strict(BaseModel):
@@ -223,9 +229,11 @@ class Config(Strict):
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
+    """`stages[0].optimizer.lr`; each key cut to 60 characters (a key may be anything a file holds)."""
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        name = str(p) if len(str(p)) <= 60 else str(p)[:57] + "..."
+        out += f"[{p}]" if isinstance(p, int) else (f".{name}" if out else name)
     return out
 
 
@@ -286,25 +294,46 @@ def parse_config(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def check_decoded(text: str, where: str) -> None:
+    """Refuse command-line text holding bytes the locale could not decode (Python keeps them as lone
+    surrogates), naming the fix: a UTF-8 locale."""
+    if re.search("[\udc80-\udcff]", text):
+        raise PadkdError(f"{where}: holds bytes that are not text in this system's encoding "
+                         f"({sys.getfilesystemencoding()}, the C locale?); run padkd in a UTF-8 locale "
+                         "(e.g. LANG=C.UTF-8, or PYTHONUTF8=1)")
+
+
+def parse_value(text: str, where: str) -> Any:
+    """A command-line value parsed as YAML (`[4, 8]`, `0.1`, `null`) within the limits, or one line."""
+    check_decoded(text, where)
+    try:
+        return safe_yaml(text, where)
+    except yaml.YAMLError as err:
+        raise PadkdError(f"{where}: the value is not valid YAML ({_yaml_problem(err)}); quote it, e.g. "
+                         "\"name='[x'\"") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser found, without the snippet of the text it would quote."""
+    return str(getattr(err, "problem", None) or getattr(err, "reason", None) or type(err).__name__)
+
+
 def set_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply `a.b.0.c=value` (value parsed as YAML) to the raw config dict."""
     if "=" not in assignment:
-        raise PadkdError(f"override '{assignment}': expected key=value, e.g. stages.0.epochs=5")
+        raise PadkdError(f"override {short_repr(assignment)}: expected key=value, e.g. stages.0.epochs=5")
     key, _, text = assignment.partition("=")
     if len(assignment) > MAX_OVERRIDE_CHARS:
         raise PadkdError(f"override '{assignment[:40]}...': longer than {MAX_OVERRIDE_CHARS} characters; put it in "
                          "the config file")
-    try:
-        value = safe_yaml(text, f"override '{key}'") if text else None
-    except yaml.YAMLError as err:
-        raise PadkdError(f"override '{short_repr(assignment)}': the value is not valid YAML "
-                         f"({getattr(err, 'problem', err)}); quote it, e.g. name='[x'") from None
+    check_decoded(assignment, f"override {short_repr(assignment)}")
+    value = parse_value(text, f"override {short_repr(assignment)}") if text else None
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not re.fullmatch("[0-9]+", part) or int(part) >= len(node):
                 raise PadkdError(f"override '{key}': '{part}' is not an index of a list of {len(node)}")
             if last:
                 node[int(part)] = value
@@ -390,23 +419,16 @@ def _parse_file_text(text: str, where: str) -> Any:
     return copy.deepcopy(_PARSED[text])
 
 
-def _read_yaml(path: Path) -> Any:
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise PadkdError(f"{path}: {size:,} bytes is too large for a config (limit {MAX_CONFIG_BYTES:,}); "
-                         "is it the right file?")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise PadkdError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
-                         "save the file as UTF-8") from None
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """A YAML file (a config, a run's config.yaml) within every limit: the bytes actually read, UTF-8, depth
+    and alias expansion. Errors name the file and the line, never its text."""
+    text = files.read_text(path, MAX_CONFIG_BYTES, what)
     try:
         return _parse_file_text(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise PadkdError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+        raise PadkdError(f"{path}: not valid YAML{at} ({_yaml_problem(err)})") from None
 
 
 def merge(base: Any, delta: Any, where: str = "") -> Any:
@@ -428,16 +450,27 @@ def merge(base: Any, delta: Any, where: str = "") -> Any:
     return delta
 
 
-def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file as a plain dict, with its `extends:` bases (paths relative to the file, one or a
-    list, later ones winning) merged under it. Bases are data like the file itself: nothing is imported."""
-    path = Path(path)
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """A config file as a plain dict, with its `extends:` bases merged under it (one or a list, later ones
+    winning). A base is a relative path to a .yaml/.yml file, resolved from the extending file's folder
+    (`../base.yaml` included: recipes share bases); chains are at most MAX_EXTENDS_DEPTH deep and
+    MAX_CONFIG_FILES files in all. Bases are data like the file itself: nothing is imported."""
+    return _read_tree(Path(path), (), [MAX_CONFIG_FILES])
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...], budget: list[int]) -> dict[str, Any]:
+    """`read_raw` of one file of an `extends` tree: `chain` the files extending it, `budget` the files left."""
     if not path.is_file():
-        where = f" (extended by {_chain[-1]})" if _chain else ""
+        where = f" (extended by {chain[-1]})" if chain else ""
         raise PadkdError(f"config file '{path}'{where} not found; pass the path of a YAML config (see configs/)")
-    if path.resolve() in _chain:
-        raise PadkdError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in (*_chain, path.resolve()))})")
-    raw = _read_yaml(path)
+    if path.resolve() in chain:
+        raise PadkdError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
+    if len(chain) >= MAX_EXTENDS_DEPTH or budget[0] <= 0:
+        raise PadkdError(f"{chain[0]}: refused: 'extends' reaches more than "
+                         f"{MAX_EXTENDS_DEPTH if len(chain) >= MAX_EXTENDS_DEPTH else MAX_CONFIG_FILES} files "
+                         f"{'deep' if len(chain) >= MAX_EXTENDS_DEPTH else 'in all'} (at {path})")
+    budget[0] -= 1
+    raw = read_yaml(path)
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise PadkdError(f"{path}: the file must hold a YAML mapping of keys to values")
@@ -447,8 +480,12 @@ def read_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise PadkdError(f"{path}: extends must be a relative path or a list of them, got {bases!r}")
-    layers = [read_raw(path.parent / base, (*_chain, path.resolve())) for base in bases] + [raw]
+        raise PadkdError(f"{path}: extends must be a relative path or a list of them, got {short_repr(bases)}")
+    for base in bases:
+        if Path(base).is_absolute() or Path(base).suffix not in (".yaml", ".yml"):
+            raise PadkdError(f"{path}: extends {short_repr(base)}: a base must be a relative path to a .yaml or "
+                             ".yml file, from this file's folder (e.g. extends: ../base.yaml)")
+    layers = [_read_tree(path.parent / base, (*chain, path.resolve()), budget) for base in bases] + [raw]
     merged: dict[str, Any] = {}
     try:
         for layer in layers:

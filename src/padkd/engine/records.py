@@ -10,16 +10,22 @@ and weighting return: this module names neither."""
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 import torch
 
+from padkd import files
 from padkd.batch import Batch
 from padkd.distiller import Distiller
+from padkd.errors import PadkdError
 from padkd.tasks.base import Task
 
 Table = dict[str, torch.Tensor]
+#: The largest records CSV a report reads (a train split of ImageNet with a few terms is ~300 MB).
+MAX_RECORDS_BYTES = 1 << 30
 
 
 @torch.no_grad()
@@ -58,18 +64,56 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[
 
 
 def write_csv(table: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a records table as CSV, whole (`padkd.files.atomic_write`: never a torn file, never through a link)."""
     keys = list(table)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
+
+    def write(binary: IO[bytes]) -> None:
+        text = io.TextIOWrapper(binary, encoding="utf-8", newline="")
+        writer = csv.writer(text)
         writer.writerow(keys)
         for row in zip(*(table[k].tolist() for k in keys), strict=True):
             writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        text.flush()
+        text.detach()  # the caller fsyncs and closes the file
+
+    files.atomic_write(path, write)
+
+
+def read_header(path: Path) -> list[str]:
+    """The column names of a records CSV (its first line, at most 1 MiB read)."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    rows = _rows(files.decode(first, path, "records table"), path)
+    return rows[0][1] if rows else []
 
 
 def read_csv(path: Path) -> dict[str, list[float]]:
-    """Columns of a records CSV as lists of numbers."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], rows[1:]
-    return {key: [float(r[i]) for r in body] for i, key in enumerate(header)}
+    """Columns of a records CSV as lists of numbers, within MAX_RECORDS_BYTES; a file that is not such a
+    table (not UTF-8, a ragged row, a value that is no number) is one line naming the place."""
+    rows = _rows(files.read_text(path, MAX_RECORDS_BYTES, "records table"), path)
+    if not rows:
+        raise PadkdError(f"'{path}' holds no header line; it is not a records table: restore it or train again")
+    header = rows[0][1]
+    if len(set(header)) != len(header):
+        raise PadkdError(f"'{path}' names a column twice in its header; restore it or train again")
+    columns: dict[str, list[float]] = {key: [] for key in header}
+    for number, row in rows[1:]:
+        if len(row) != len(header):
+            raise PadkdError(f"'{path}' line {number} has {len(row)} fields, the header {len(header)}; the file is "
+                             "torn or edited: restore it or train again")
+        for key, value in zip(header, row, strict=True):
+            try:
+                columns[key].append(float(value))
+            except ValueError:
+                raise PadkdError(f"'{path}' line {number}: column '{key[:60]}' holds {value[:20]!r}, not a number; "
+                                 "restore the file or train again") from None
+    return columns
+
+
+def _rows(text: str, path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank row of CSV text."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return [(reader.line_num, row) for row in reader if row]
+    except csv.Error as err:
+        raise PadkdError(f"'{path}' is not a readable CSV table ({err}); restore it or train again") from None

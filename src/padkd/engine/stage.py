@@ -20,6 +20,8 @@ from padkd.batch import Batch
 from padkd.checkpoint import load_state_strict
 from padkd.config import EngineConfig, OptimizerConfig, SchedulerConfig, StageConfig
 from padkd.distiller import Distiller
+from padkd.engine import resume
+from padkd.errors import PadkdError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: DDP must not broadcast buffers before every forward (a CRD memory bank would be copied from rank 0 each
@@ -98,12 +100,20 @@ class StageRun:
                 "stage_steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any], what: str) -> None:
+        """Continue from a run checkpoint's state; a state that does not fit this stage is one line."""
+        if not all(isinstance(v, torch.Tensor) for v in state["terms"].values()):
+            raise PadkdError(f"{what}: its distillation terms hold non-tensor entries; the file is damaged")
         load_state_strict(self.distiller.terms, state["terms"], f"{what} (distillation terms)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.meters = {k: v.to(self.device) for k, v in state.get("meters", {}).items()}
-        self.steps = int(state["stage_steps"])
+
+        def load() -> None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.meters = {k: v.to(self.device) for k, v in state.get("meters", {}).items()}
+            self.steps = int(state["stage_steps"])
+
+        resume.load_module_state(load, what)
+        resume.check_optimizer_state(self.optimizer, what)
 
     # ------------------------------------------------------------------ training
     def set_lr(self, epoch: float) -> float:

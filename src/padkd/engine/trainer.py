@@ -27,11 +27,12 @@ from torch import Tensor, nn
 
 from padkd import checkpoint as ckpt
 from padkd import distributed as ddp
+from padkd import files
 from padkd.assemble import make_data, make_distiller, make_model, make_task, resolve_device
 from padkd.batch import tree_leaves
 from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
-from padkd.engine import records, rundir
+from padkd.engine import records, resume, rundir
 from padkd.engine.evaluate import evaluate
 from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
 from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_progress
@@ -134,36 +135,55 @@ class Trainer:
         self.progress = Progress()
         self._stop_requested = False
         self._lock = rundir.RunLock(self.run_dir)
-        self._resume_changes: dict[str, tuple[Any, Any]] = {}
+        #: The `resume` event to record once the checkpoint's state is in place (rank 0, resume only).
+        self._resume_event: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
     def _resume_state(self) -> dict[str, Any] | None:
         """Lock and check the run directory (rank 0, for every rank) and return the checkpoint to continue
-        from (resume only), with `best.pt` repaired if a kill fell between the epoch's two writes."""
-        error = None
+        from (resume only), checked against the config, with `best.pt` repaired if a kill fell between
+        the epoch's two writes."""
+        error, source = None, None
         state: dict[str, Any] | None = None
         if self.main:
             try:
-                rundir.check(self.run_dir, dump_config(self.cfg), self.resume)  # before the lock file is created
-                self._lock.acquire()
-                self._resume_changes = rundir.check(self.run_dir, dump_config(self.cfg), self.resume)
-                ckpt.remove_stale_temporaries(self.run_dir / "checkpoints")
-                last = self.run_dir / "checkpoints" / "last.pt"
-                if self.resume and last.exists():
-                    state = ckpt.load(last, kind="run")
-                    if rundir.repair_best(self.run_dir, state):
-                        log.warning("best.pt was older than the best epoch last.pt names (a kill between the two "
-                                    "writes): repaired from last.pt")
+                state = self._checked_resume_state()
+                source = self._resume_event["checkpoint"] if self._resume_event else None
             except PadkdError as err:
                 error = str(err)
-        error = ddp.broadcast_object(error)
+        error, source = ddp.broadcast_object((error, source))  # type: ignore[misc]
         if error:
             raise PadkdError(error)
-        last = self.run_dir / "checkpoints" / "last.pt"
-        if not self.main and self.resume and last.exists():
-            state = ckpt.load(last, kind="run")
+        self._resumed_from = f"checkpoints/{source}"
+        if not self.main and source is not None:
+            state = ckpt.load(self.run_dir / self._resumed_from, kind="run")
         if self.resume and state is None and self.main:
             log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
+        return state
+
+    def _checked_resume_state(self) -> dict[str, Any] | None:
+        """Rank 0's part of `_resume_state`; sets the `resume` event to record."""
+        rundir.check(self.run_dir, self.resume)  # before the lock file is created
+        self._lock.acquire()
+        holds_run = rundir.check(self.run_dir, self.resume)
+        for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "records"):
+            files.remove_stale_temporaries(folder)
+        path = resume.checkpoint_path(self.run_dir) if self.resume and holds_run else None
+        if path is None:
+            return None
+        where = f"checkpoints/{path.name}"
+        state = ckpt.load(path, kind="run")
+        resume.check_state(state, self.cfg.stages, where)
+        progress = state["progress"]
+        position = (progress["stage"], progress["epoch"], progress["batch"])
+        changes = rundir.resume_changes(self.run_dir, self.cfg.model_dump(mode="json"), position,
+                                        resume.finished_stages(progress, self.cfg.stages))
+        if path.name == "last.pt" and rundir.repair_best(self.run_dir, state):
+            log.warning("best.pt was older than the best epoch last.pt names (a kill between the two "
+                        "writes): repaired from last.pt")
+        self._resume_event = {"event": "resume", "stage": position[0], "epoch": position[1], "batch": position[2],
+                              "global_step": progress["global_step"], "checkpoint": path.name,
+                              "changes": {k: {"was": a, "now": b} for k, (a, b) in changes.items()}}
         return state
 
     def _loader(self, split: str, train: bool) -> DeviceLoader:
@@ -207,7 +227,7 @@ class Trainer:
         student, teacher = self._build_models()
         self.student = student
         if state is not None:
-            ckpt.load_state_strict(student, state["student"], "checkpoints/last.pt")
+            ckpt.load_state_strict(student, state["student"], self._resumed_from)
             self.progress = Progress(**state["progress"])
         self.eval_loaders = {s: self._loader(s, train=False) for s in ("val", "test")
                              if s != "val" or self.data.val is not None}
@@ -215,18 +235,16 @@ class Trainer:
         if len(self.train_loader) == 0:
             raise PadkdError(f"data.batch_size {cfg.data.batch_size} is larger than the training split "
                              f"({len(self.data.train)} samples per rank); lower data.batch_size")
+        if state is not None:
+            resume.check_batch(self.progress.batch, len(self.train_loader), self._resumed_from)
         self._check_setup(student, teacher)
-        if self.main:  # written once set-up has succeeded, so a failed start leaves the directory reusable
-            if state is None:  # a start that failed earlier may have left a log behind
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.main and state is None:  # written once set-up has succeeded: a failed start stays reusable
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a start that failed may have left one
+            files.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))  # never rewritten: it trained
         ddp.barrier()
         self.metrics = MetricsLog(self.run_dir, cfg.log.tensorboard, enabled=self.main)
         if state is not None:
-            self.metrics.keep_until(self.progress.stage, self.progress.epoch)
-            if self._resume_changes:
-                self.metrics.event({"event": "resume", "changes": {k: {"was": a, "now": b} for k, (a, b)
-                                                                   in self._resume_changes.items()}})
+            self.metrics.keep_until(self.progress.stage, self.progress.epoch, self.progress.batch)
         if teacher is not None and state is None:
             splits = [s for s in self.eval_loaders if s == "val" or cfg.eval_test]
             self.metrics.event({"event": "teacher", **{s: evaluate(self.task, teacher, self.eval_loaders[s])
@@ -336,8 +354,11 @@ class Trainer:
         except ValueError as err:
             raise PadkdError(f"{where}: {err}") from None
         if state is not None:
-            run.load_state_dict(state, "checkpoints/last.pt")
+            run.load_state_dict(state, self._resumed_from)
             ckpt.set_rng_state(state["rng"])
+            if self._resume_event is not None:  # recorded once the checkpoint's state is in place
+                self.metrics.event(self._resume_event)
+                self._resume_event = None
         steps_per_epoch = len(self.train_loader)
         bar = progress_bar(stage.epochs * steps_per_epoch, f"{stage.name}", self.main and not self.quiet
                            and show_progress(cfg.log.progress), initial=progress.epoch * steps_per_epoch
@@ -495,5 +516,6 @@ class Trainer:
                 final["best"] = evaluate(self.task, student, self.eval_loaders[split])
         self.metrics.event({"event": "final", **final})
         if self.main:
-            (self.run_dir / "final.json").write_text(json.dumps(finite_json(final), indent=2, allow_nan=False) + "\n")
+            files.atomic_write_text(self.run_dir / "final.json",
+                                    json.dumps(finite_json(final), indent=2, allow_nan=False) + "\n")
         return final

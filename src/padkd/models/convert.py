@@ -13,11 +13,9 @@ Layouts read (all with `torch.load(weights_only=True)`):
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from padkd import checkpoint as ckpt
@@ -33,17 +31,8 @@ PARTS = ("student", "teacher")
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise PadkdError(f"'{path}' not found; pass the checkpoint file (.pth/.pt) of the trained model")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # torchdistill stores its parsed args
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any unpickling failure: explain it in one line)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if refused:
-            raise PadkdError(f"'{path}' holds a {refused.group(1)} object, which torch.load(weights_only=True) "
-                             "refuses; where you trust the file, re-save its state dict alone "
-                             "(torch.save(ckpt['model'], 'weights.pt')) and pass that") from None
-        raise PadkdError(f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    # torchdistill stores its parsed args beside the weights
+    return ckpt.torch_load(path, "PyTorch checkpoint", allowed=(argparse.Namespace,))
 
 
 def _is_state(obj: Any) -> bool:
@@ -149,7 +138,14 @@ def import_teacher(source: Path, output: Path, name: str, options: dict[str, Any
     """Convert a foreign checkpoint into a padkd export of registered model `name` (options `options`),
     checked key by key; `num_classes` defaults to the file's classifier size. Returns a summary line."""
     options = dict(options or {})
+    if num_classes is not None and num_classes < 1:
+        raise PadkdError(f"--num-classes {num_classes}: a classifier needs at least 1 class; leave it out to read "
+                         "the number from the file's classifier")
     state, layout = read_state_dict(source, part)
+    bad = ckpt.non_finite(state)
+    if bad is not None:
+        raise PadkdError(f"'{source}' holds NaN/inf values ('{bad}'); a teacher must have finite weights: import a "
+                         "checkpoint of a run that did not diverge")
     model = MODELS.create(name, options, "model", in_channels=in_channels, num_classes=num_classes or 1)
     classifier = state.get(f"{classifier_name(model)}.weight")
     found = int(classifier.shape[0]) if classifier is not None and classifier.dim() == 2 else None

@@ -9,7 +9,6 @@ report can be regenerated at any time.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from padkd.config import DataConfig
+from padkd import files
+from padkd.config import MAX_CONFIG_BYTES, DataConfig, read_yaml
 from padkd.data import DATASETS
 from padkd.engine.logging import read_metrics
-from padkd.engine.records import read_csv
+from padkd.engine.records import read_csv, read_header
 from padkd.errors import PadkdError
 from padkd.report import plots
 from padkd.report.markdown import Figure, VarianceSummary, format_table, render
@@ -113,7 +112,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _curve(events: list[dict[str, Any]]) -> tuple[dict[int, float], list[int]]:
     """Validation top-1 by global epoch (epochs counted across stages) and the epochs where stages end."""
     epochs = sorted((e["stage"], e["epoch"], float(e["val"]["top1"])) for e in events
-                    if e.get("event") == "epoch" and "top1" in e.get("val", {}))
+                    if e["event"] == "epoch" and isinstance((e.get("val") or {}).get("top1"), int | float))
     lengths: dict[int, int] = {}
     for stage, epoch, _ in epochs:
         lengths[stage] = max(lengths.get(stage, 0), epoch)
@@ -165,11 +164,10 @@ def _records_in(run_dir: Path, term: str | None) -> tuple[Path, str] | None:
     candidates = []
     for path in (run_dir / "records").glob("*.csv"):
         match = _RECORDS.match(path.name)
-        if match:
+        if match and path.is_file():
             candidates.append((-int(match.group(1)), SPLITS.index(match.group(3)), path))
     for *_, path in sorted(candidates):
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
+        header = read_header(path)
         found = [c[: -len(".log_var")] for c in header if c.endswith(".log_var")]
         if term is None and found:
             return path, found[0]
@@ -205,6 +203,10 @@ def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
         raise _Skipped(f"{_rel(path, out_dir)} lacks the column(s) {', '.join(missing)}.")
     if not table["index"]:
         raise _Skipped(f"{_rel(path, out_dir)} holds no samples.")
+    for column in ("index", "target", "teacher_pred"):
+        values = np.asarray(table[column])
+        if not (np.isfinite(values).all() and (values == np.round(values)).all()):
+            raise _Skipped(f"{_rel(path, out_dir)}: column `{column}` holds values that are not whole numbers.")
     split = _RECORDS.match(path.name).group(3)  # type: ignore[union-attr]
     dims = path.with_name(f"{path.stem}.{term}.elements.csv")
     dim_d = dim_v = None
@@ -247,7 +249,11 @@ def _data_options(run_dir: Path, dataset: str) -> dict[str, Any]:
     config = run_dir / "config.yaml"
     if not config.exists():
         return {}
-    data = DataConfig.model_validate(yaml.safe_load(config.read_text())["data"])
+    raw = read_yaml(config, "run config")
+    try:
+        data = DataConfig.model_validate(raw["data"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):  # pydantic's ValidationError is a ValueError
+        raise _Skipped(f"{config} holds no valid data section, so its test split cannot be rebuilt.") from None
     return data.options if data.name == dataset else {}
 
 
@@ -267,7 +273,10 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
         raise _Skipped(f"test images are drawn only for {', '.join(IMAGE_DATASETS)} (bundled, no download); "
                        f"this demo used '{dataset}'.")
     run_dir = records.path.parent.parent
-    data = DATASETS.create(dataset, _data_options(run_dir, dataset), "data")
+    try:
+        data = DATASETS.create(dataset, _data_options(run_dir, dataset), "data")
+    except (PadkdError, ValueError, TypeError) as err:
+        raise _Skipped(f"the test split cannot be rebuilt from the run's data options ({str(err)[:120]}).") from None
     mean, std = data.normalization
     images = data.split(records.split)
     order = np.argsort(records.log_var, kind="stable")
@@ -358,7 +367,7 @@ def write_report(out_dir: Path) -> Path:
     if not results_path.exists():
         raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`, or "
                          "run `padkd report RUN_DIR...`")
-    results = json.loads(results_path.read_text())
+    results = files.read_json(results_path, 64 * MAX_CONFIG_BYTES, "report's results")
     plot_dir = out_dir / "plots"
     rows = summarize(results)
     figures = {"learning_curves": _learning_curves(results, out_dir, plot_dir),
@@ -373,7 +382,7 @@ def write_report(out_dir: Path) -> Path:
         variance = _variance_summary(records, out_dir, results["pad_term"])
         figures |= _variance_figures(results, out_dir, plot_dir, records, variance)
     report = out_dir / "report.md"
-    report.write_text(render(results, rows, figures, variance, variance_note))
+    files.atomic_write_text(report, render(results, rows, figures, variance, variance_note))
     return report
 
 
@@ -384,5 +393,5 @@ def report_runs(run_dirs: list[Path], out_dir: Path, labels: dict[str, str] | No
     results = results_from_runs([Path(r) for r in run_dirs], labels, baseline, command)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    files.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return write_report(out_dir)

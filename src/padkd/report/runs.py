@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from padkd import files
+from padkd.config import MAX_CONFIG_BYTES, read_yaml
 from padkd.errors import PadkdError
 
 #: Config keys that do not make two runs different settings.
@@ -45,7 +45,29 @@ def _load(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                          "(each `output_dir` of `padkd train`)")
     if not final.is_file():
         raise PadkdError(f"'{run_dir}' holds no final.json: the run has not finished (finish it with --resume)")
-    return yaml.safe_load(config.read_text()) or {}, json.loads(final.read_text())
+    return _plain(read_yaml(config, "run config") or {}, config), read_final(final)
+
+
+def _plain(config: Any, path: Path) -> dict[str, Any]:
+    """A run's config as JSON-plain data (string keys; YAML dates and the like as text), or one line."""
+    if not isinstance(config, dict):
+        raise PadkdError(f"'{path}' is not a padkd config (not a mapping); restore it")
+    try:
+        return json.loads(json.dumps(config, default=str))
+    except (TypeError, ValueError):
+        raise PadkdError(f"'{path}' holds keys that are not plain names; restore it") from None
+
+
+def read_final(path: Path) -> dict[str, Any]:
+    """A run's final.json within the size limit, checked to hold what the report reads."""
+    final = files.read_json(path, MAX_CONFIG_BYTES, "run result")
+    metric = final.get("primary_metric", "top1") if isinstance(final, dict) else None
+    if not isinstance(metric, str) or not all(
+            isinstance(final.get(k), dict | None) and isinstance((final.get(k) or {}).get(metric), int | float | None)
+            for k in ("last", "best")):
+        raise PadkdError(f"'{path}' is not a padkd run result (its 'last' and 'best' map the primary metric to a "
+                         "number); restore it, or finish the run again with --resume")
+    return final
 
 
 def _short(key: str, keys: list[str]) -> str:
@@ -67,14 +89,22 @@ def _metric(final: dict[str, Any], which: str) -> float | None:
 
 def _teacher_run(config: dict[str, Any]) -> Path | None:
     """The run directory of the teacher's checkpoint, when it is a padkd run (it has metrics.jsonl)."""
-    checkpoint = (config.get("teacher") or {}).get("checkpoint")
-    if not checkpoint:
+    teacher = config.get("teacher")
+    checkpoint = teacher.get("checkpoint") if isinstance(teacher, dict) else None
+    if not isinstance(checkpoint, str) or not checkpoint:
         return None
     path = Path(checkpoint)
     for candidate in (path, path.parent.parent):
         if (candidate / "metrics.jsonl").is_file():
             return candidate.resolve()
     return None
+
+
+def _epochs(stages: Any) -> dict[str, Any]:
+    """Epochs per stage name, as the config lists them."""
+    if not isinstance(stages, list):
+        return {}
+    return {str(s.get("name", f"stage{i}")): s.get("epochs") for i, s in enumerate(stages) if isinstance(s, dict)}
 
 
 def results_from_runs(run_dirs: list[Path], labels: dict[str, str] | None = None,
@@ -113,19 +143,20 @@ def results_from_runs(run_dirs: list[Path], labels: dict[str, str] | None = None
         baseline = found[0]
     seeds = sorted({s for e in settings.values() for s in e["runs"]}, key=lambda s: (len(s), s))
     first = loaded[0][1]
-    datasets = {(c.get("data") or {}).get("name") for _, c, _, _ in loaded}
+    datasets = {json.dumps(c["data"].get("name") if isinstance(c.get("data"), dict) else None)
+                for _, c, _, _ in loaded}
     teacher = _teacher_run(first)
     teacher_top1 = None
     if teacher is not None and (teacher / "final.json").is_file():
-        teacher_top1 = _metric(json.loads((teacher / "final.json").read_text()), "last")
+        teacher_top1 = _metric(read_final(teacher / "final.json"), "last")
     results: dict[str, Any] = {
-        "dataset": datasets.pop() if len(datasets) == 1 else "several data sets",
+        "dataset": json.loads(datasets.pop()) if len(datasets) == 1 else "several data sets",
         "methods": list(settings), "labels": labels, "baseline": baseline or next(iter(settings)),
         "seeds": seeds, "runs": {n: e["runs"] for n, e in settings.items()},
         "test_top1": {n: e["last"] for n, e in settings.items()},
         "best_test_top1": {n: e["best"] for n, e in settings.items()},
         "teacher_run": str(teacher) if teacher is not None else None, "teacher_test_top1": teacher_top1,
-        "epochs": {s.get("name", f"stage{i}"): s.get("epochs") for i, s in enumerate(first.get("stages", []))},
+        "epochs": _epochs(first.get("stages")),
         "command": command, "varying": varying,
     }
     if len(varying) == 1:
