@@ -27,6 +27,7 @@ def execute(run_dir: str, raw: dict[str, Any], fork_dir: str | None) -> dict[str
     """Train one run (stage 2 from `fork_dir`'s end-of-stage-1 checkpoint when given); its final metrics."""
     from padkd.config import dump_config, parse_config
     from padkd.engine.trainer import Trainer
+    from padkd.files import atomic_write_text
 
     out = Path(run_dir)
     raw = {**raw, "output_dir": str(out)}
@@ -35,7 +36,7 @@ def execute(run_dir: str, raw: dict[str, Any], fork_dir: str | None) -> dict[str
     if fork_dir is None:
         return Trainer(cfg, quiet=True).run().final
     shutil.copytree(fork_dir, out, ignore=shutil.ignore_patterns(".padkd.lock", "final.json"))
-    (out / "config.yaml").write_text(dump_config(cfg))
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
     return Trainer(cfg, resume=True, quiet=True).run().final
 
 
