@@ -7,7 +7,7 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
    hand-written step and padkd steps, each variant in its own process per round), CE + L2 on the pooled
    embeddings, SGD.
 3. Whole-pipeline training throughput, data loading and augmentation included, evaluation excluded: the
-   CIFAR-100 KD recipe (configs/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
+   CIFAR-100 KD recipe (src/padkd/recipes/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
    (examples/torchvision/image_classification.py of github.com/yoshitomo-matsubara/torchdistill, passed with
    --torchdistill-script; without it that row is skipped) on the same generated CIFAR-100 files, the same models
    (resnet56 -> resnet20, random initialisation), batch, epochs, worker processes and threads; padkd at equal
@@ -16,7 +16,7 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
    torchdistill's from the mean iteration time (data loading included) over the last 20 iterations of each
    epoch, which its MetricLogger prints at the epoch's last iteration.
 4. Peak memory of each pipeline run: the peak RSS of its process (and peak allocated CUDA memory on a GPU).
-5. The KD epoch against the student trained alone (configs/cifar100/resnet56-resnet20/student.yaml, the same
+5. The KD epoch against the student trained alone (src/padkd/recipes/cifar100/resnet56-resnet20/student.yaml, the same
    pipeline without a teacher) at equal settings (goal <= 2x the time): the teacher's forward is the floor of
    what distillation adds.
 
@@ -53,9 +53,9 @@ import overhead  # noqa: E402
 from input_pipeline import cpu_name, write_cifar100  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
+RECIPE = ROOT / "src" / "padkd" / "recipes" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
 #: The same protocol with the student trained alone (no teacher, no terms).
-ALONE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "student.yaml"
+ALONE = ROOT / "src" / "padkd" / "recipes" / "cifar100" / "resnet56-resnet20" / "student.yaml"
 #: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
 BEST = ["engine.compile=true", "engine.channels_last=true"]
 
