@@ -46,7 +46,8 @@ LOW_LR_STUDENTS = {"mobilenetv2_half", "shufflenetv1", "shufflenetv2"}
 # ---------------------------------------------------------------- config patches and the LR scaling rule
 
 
-def test_a_mapping_with_integer_keys_patches_list_items(tmp_path: Path) -> None:
+def test_a_mapping_with_integer_keys_patches_list_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # bases are found from the current directory
     base = {"stages": [{"name": "a", "epochs": 3, "optimizer": {"lr": 0.1, "momentum": 0.9}}, {"name": "b"}]}
     patched = merge(base, {"stages": {0: {"optimizer": {"lr": 0.01}}}})
     assert patched["stages"] == [{"name": "a", "epochs": 3, "optimizer": {"lr": 0.01, "momentum": 0.9}}, {"name": "b"}]

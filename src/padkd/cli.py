@@ -1,4 +1,4 @@
-"""`padkd` console script: train, eval, export, import-teacher, list, demo, report, study.
+"""`padkd` console script: train, eval, export, import-teacher, list, recipes, demo, report, study.
 
 User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
 2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from padkd import __version__
-from padkd.engine.logging import finite_json
 from padkd.errors import PadkdError
+
+#: Subcommands whose `key=value` overrides may stand anywhere among the options.
+_WITH_OVERRIDES = ("train", "eval")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from padkd.config import load_config
+    from padkd.engine.logging import finite_json
     from padkd.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -33,6 +37,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _run_config_for(path: Path) -> Path:
     """The config.yaml of the run a checkpoint (or run directory) belongs to."""
+    if not path.exists():
+        raise PadkdError(f"no such run directory or checkpoint '{path}' ({path.absolute()}); pass the output_dir "
+                         "of a padkd train run or a .pt file")
     run_dir = path if path.is_dir() else path.parent.parent
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -46,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from padkd.config import ModelRef
     from padkd.engine.evaluate import evaluate
     from padkd.engine.loaders import make_loader
+    from padkd.engine.logging import finite_json
     from padkd.validate import load_checked
 
     path = Path(args.checkpoint)
@@ -91,14 +99,6 @@ def _is_run_checkpoint(path: Path) -> bool:
         return False
 
 
-def _defaults(factory: object) -> str:
-    """`key=default` of a factory's options, for `padkd list`."""
-    import inspect
-
-    params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
-    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
-
-
 def _cmd_import_teacher(args: argparse.Namespace) -> int:
     from padkd.config import parse_value
     from padkd.models.convert import import_teacher
@@ -114,25 +114,146 @@ def _cmd_import_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from padkd.data import DATASETS
-    from padkd.data.samplers import SAMPLERS
-    from padkd.methods import METHODS
-    from padkd.models import MODELS
-    from padkd.tasks import TASKS
-    from padkd.weightings import WEIGHTINGS
+#: `padkd list` kinds → (module, registry name); imported only when the catalogue must be built.
+_REGISTRIES = {"methods": ("padkd.methods", "METHODS"), "weightings": ("padkd.weightings", "WEIGHTINGS"),
+               "models": ("padkd.models", "MODELS"), "datasets": ("padkd.data", "DATASETS"),
+               "tasks": ("padkd.tasks", "TASKS"), "samplers": ("padkd.data.samplers", "SAMPLERS")}
 
-    registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS,
-                "tasks": TASKS, "samplers": SAMPLERS}[args.what]
-    for name in registry.names():
-        line = f"{name:18s} {registry.describe(name)}"
-        if registry is METHODS:
-            method = METHODS.get(name)
-            options = _defaults(method)
-            line += f" [weight {method.default_weight:g}{'; ' + options if options else ''}]"
-            if method.reference:
-                line += f" ({method.reference})"
-        print(line)
+
+def _defaults(factory: object) -> str:
+    """`key=default` of a factory's options, for `padkd list`."""
+    import inspect
+
+    params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
+    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
+
+
+def _build_catalogue() -> dict[str, dict[str, dict[str, str]]]:
+    """Every registered component (plugins included): kind → name → its docstring and, for methods, the
+    default weight, options and reference. Imports every registry (torch): seconds."""
+    import importlib
+    import inspect
+
+    from padkd.plugins import load_plugins
+
+    load_plugins()
+    catalogue: dict[str, dict[str, dict[str, str]]] = {}
+    for kind, (module, attr) in _REGISTRIES.items():
+        registry = getattr(importlib.import_module(module), attr)
+        entries = catalogue[kind] = {}
+        for name in registry.names():
+            factory = registry.get(name)
+            extra = ""
+            if kind == "methods":
+                options = _defaults(factory)
+                extra = f"[weight {factory.default_weight:g}{'; ' + options if options else ''}]"
+                extra += f" ({factory.reference})" if factory.reference else ""
+            entries[name] = {"doc": inspect.getdoc(factory) or "", "extra": extra}
+    return catalogue
+
+
+def _catalogue() -> dict[str, dict[str, dict[str, str]]]:
+    """The catalogue `padkd list` prints, cached per source: keyed by the hash of padkd's own source files
+    and the installed plugins, so `padkd list` answers without importing torch once it has run once."""
+    import hashlib
+    from importlib.metadata import entry_points
+
+    from padkd import files
+    from padkd.plugins import GROUP
+
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        version = ep.dist.version if ep.dist is not None else "?"
+        digest.update(f"{ep.name}={ep.value}@{version}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "padkd"
+    path = cache / f"catalogue-{digest.hexdigest()[:20]}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    catalogue = _build_catalogue()
+    try:
+        files.atomic_write_text(path, json.dumps(catalogue))
+    except OSError:  # a read-only home: list without the cache
+        pass
+    return catalogue
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole (its lines joined)."""
+    import re
+
+    paragraph = " ".join((text.strip().split("\n\n") or [""])[0].split())
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from padkd.errors import did_you_mean
+
+    entries = _catalogue()[args.what]
+    if args.name is not None:
+        if args.name not in entries:
+            raise PadkdError(f"unknown {args.what[:-1]} '{args.name}'{did_you_mean(args.name, entries)}")
+        entry = entries[args.name]
+        print("\n".join(filter(None, [args.name, entry["extra"], "", entry["doc"]])))
+        return 0
+    for name, entry in entries.items():
+        print(" ".join(filter(None, [f"{name:18s}", first_sentence(entry["doc"]), entry["extra"]])))
+    return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    """A recipe's first sentence: its leading comment block, up to the first command line (`#   padkd ...`)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        lines.append(line.lstrip("#").strip())
+    return first_sentence(" ".join(lines))
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from padkd.config import recipe_names, recipe_path
+
+    if args.copy is not None:
+        return _copy_recipe(*args.copy)
+    pattern = args.pattern or "*"
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    names = [n for n in recipe_names() if fnmatch.fnmatchcase(n, glob)]
+    if not names:
+        raise PadkdError(f"no built-in recipe matches '{pattern}'; `padkd recipes` lists them all")
+    width = max(len(n) for n in names)
+    for name in names:
+        path = recipe_path(name)
+        assert path is not None
+        print(f"{name:{width}s}  {_recipe_summary(path)}".rstrip())
+    return 0
+
+
+def _copy_recipe(name: str, dest: str) -> int:
+    """Write built-in recipe `name` to `dest` (a file, or a folder to put NAME.yaml in), never over a file."""
+    from padkd.config import recipe_path
+
+    source = recipe_path(name)
+    if source is None:
+        from padkd.config import find_config
+
+        find_config(name)  # the one-line "not found" with the closest recipe
+        raise PadkdError(f"'{name}' is a file, not a built-in recipe; copy it with cp")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    try:
+        with target.open("x", encoding="utf-8") as f:
+            f.write(source.read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise PadkdError(f"'{target}' exists; padkd never overwrites it: remove it or choose another DEST") from None
+    print(f"copied recipe {name} to {target}; its `extends:` bases are built-in recipes (or files of that path "
+          f"in the current directory); train it with: padkd train {target}")
     return 0
 
 
@@ -183,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1")
+    p.add_argument("config", help="a YAML config file, or a built-in recipe's name (`padkd recipes`), e.g. "
+                   "digits/teacher")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1 (anywhere "
+                   "among the options)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=_cmd_train)
@@ -214,8 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_teacher)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])
+    p.add_argument("what", choices=list(_REGISTRIES))
+    p.add_argument("name", nargs="?", help="one component: its full description")
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes (train one by name: padkd train digits/teacher)")
+    p.add_argument("pattern", nargs="?", help="a part of the name, or a glob (e.g. 'cifar100/*/kd')")
+    p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="write recipe NAME to the file or folder "
+                   "DEST to edit it (never overwrites)")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report")
     p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
@@ -277,14 +407,40 @@ def _crash_report(args: argparse.Namespace) -> Path:
     return Path("(nowhere: no writable folder)")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `train` and `eval` taking their key=value overrides anywhere among the
+    options (`padkd train CFG --resume seed=1` as well as `padkd train CFG seed=1 --resume`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in _WITH_OVERRIDES and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: a reader that closed the pipe (`padkd list | head -1`) wants no more, and
+    the interpreter's final flush must not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        from padkd.plugins import load_plugins
+        if args.command != "list":  # list loads plugins only to build its catalogue
+            from padkd.plugins import load_plugins
 
-        load_plugins()
-        return args.func(args)
+            load_plugins()
+        code: int = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except PadkdError as err:
         from padkd.engine.trainer import Interrupted
 
