@@ -430,9 +430,10 @@ def test_resume_mid_epoch_of_a_plain_run_matches(tmp_path: Path, plain_config) -
     assert epoch_events(tmp_path / "b") == epoch_events(tmp_path / "a")
 
 
-def test_resume_without_checkpoint_starts_from_scratch(tmp_path: Path, plain_config) -> None:
-    reference = run(plain_config(tmp_path / "a"))
-    assert Trainer(parse_config(plain_config(tmp_path / "b")), resume=True, quiet=True).run().final == reference
+def test_resume_without_checkpoint_is_refused_and_writes_nothing(tmp_path: Path, plain_config) -> None:
+    with pytest.raises(PadkdError, match="holds no run to resume"):  # never a fresh run in the wrong place
+        Trainer(parse_config(plain_config(tmp_path / "b")), resume=True, quiet=True).run()
+    assert not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------- guards

@@ -49,6 +49,13 @@ def make_distiller(cfg: Config, stage: StageConfig, student: nn.Module, teacher:
     """A fresh Distiller for one stage: new method modules and weightings (e.g. a new PAD head);
     `steps_per_epoch` (optimizer steps) converts warm-ups given in epochs."""
     terms = []
+    for j, term in enumerate(stage.terms):  # each term's taps on the models, so an error names its term
+        for role, model, paths in (("student", student, term.student), ("teacher", teacher, term.teacher)):
+            if model is not None:
+                try:
+                    Taps(model, {paths} if isinstance(paths, str) else set(paths), role).close()
+                except PadkdError as err:
+                    raise PadkdError(f"{where}.terms[{j}]: {err}") from None
     for j, (name, term) in enumerate(zip(cfg.term_names(stage), stage.terms, strict=True)):
         at = f"{where}.terms[{j}]"
         method = METHODS.create(term.method.name, term.method.options, f"{at}.method")

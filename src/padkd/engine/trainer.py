@@ -135,6 +135,8 @@ class Trainer:
         self.progress = Progress()
         self._stop_requested = False
         self._lock = rundir.RunLock(self.run_dir)
+        #: What this start creates (run directory, lock file): removed again if it fails before config.yaml.
+        self._leave: list[Path] = []
         #: The `resume` event to record once the checkpoint's state is in place (rank 0, resume only).
         self._resume_event: dict[str, Any] | None = None
 
@@ -157,15 +159,18 @@ class Trainer:
         self._resumed_from = f"checkpoints/{source}"
         if not self.main and source is not None:
             state = ckpt.load(self.run_dir / self._resumed_from, kind="run")
-        if self.resume and state is None and self.main:
-            log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
         return state
 
     def _checked_resume_state(self) -> dict[str, Any] | None:
         """Rank 0's part of `_resume_state`; sets the `resume` event to record."""
         rundir.check(self.run_dir, self.resume)  # before the lock file is created
+        self._leave = self._absent_entries()
         self._lock.acquire()
         holds_run = rundir.check(self.run_dir, self.resume)
+        if self.resume and not holds_run:  # the lock file and the folders made for it are removed again
+            raise PadkdError(f"--resume: output_dir '{self.run_dir}' holds no run to resume (no "
+                             "checkpoints/last.pt or best.pt); drop --resume to start it, or set output_dir to "
+                             "the run to continue")
         for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "records"):
             files.remove_stale_temporaries(folder)
         path = resume.checkpoint_path(self.run_dir) if self.resume and holds_run else None
@@ -208,12 +213,32 @@ class Trainer:
     # ------------------------------------------------------------------ main entry
     def run(self) -> RunResult:
         """Train every stage (from the last checkpoint with `resume`) and evaluate; holds the run
-        directory's lock throughout."""
+        directory's lock throughout. A start that fails before config.yaml is written removes what it
+        created (the lock file, the empty output_dir): a failed validation leaves nothing behind."""
         try:
             return self._run()
+        except BaseException:
+            if self.main and not (self.run_dir / "config.yaml").exists():
+                self._lock.release()
+                self._remove_created()
+            raise
         finally:
             self._close_taps()
             self._lock.release()
+
+    def _absent_entries(self) -> list[Path]:
+        """The run directory and its lock file, those of them that do not exist yet (removed again by a
+        start that fails before it writes config.yaml)."""
+        return [p for p in (self.run_dir / rundir.LOCK_NAME, *reversed([self.run_dir, *self.run_dir.parents]))
+                if not p.exists() and not p.is_symlink()]
+
+    def _remove_created(self) -> None:
+        """Remove the lock file and the folders this start created, deepest first, where they are still empty."""
+        for path in sorted(self._leave, key=lambda p: len(p.parts), reverse=True):
+            try:
+                path.unlink() if path.name == rundir.LOCK_NAME else path.rmdir()
+            except OSError:  # not empty (another process wrote there) or gone: leave it
+                pass
 
     def _run(self) -> RunResult:
         cfg = self.cfg
