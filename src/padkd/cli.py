@@ -83,7 +83,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if output.exists() and (output.resolve() == source.resolve() or _is_run_checkpoint(output)):
         raise PadkdError(f"-o '{output}' is a run's training checkpoint; exporting over it would destroy the run's "
                          "state: write the export elsewhere")
-    ckpt.save(output, "export", model=state["model"], student=state["student"])
+    extra = {"model_kwargs": state["model_kwargs"]} if "model_kwargs" in state else {}
+    ckpt.save(output, "export", model=state["model"], student=state["student"], **extra)
     dropped = len(state.get("terms", {}))
     print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
           f"{dropped} distillation-only tensors such as PAD heads left out)")

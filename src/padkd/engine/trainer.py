@@ -251,6 +251,8 @@ class Trainer:
                                  "or 'train'")
         student, teacher = self._build_models()
         self.student = student
+        #: What the data gave the models (num_classes, in_channels): saved so an export rebuilds the student.
+        self._model_kwargs = self.task.model_kwargs(self.data)
         if state is not None:
             ckpt.load_state_strict(student, state["student"], self._resumed_from)
             self.progress = Progress(**state["progress"])
@@ -517,7 +519,8 @@ class Trainer:
         """Write a checkpoint (rank 0); never one that holds NaN/inf weights or state."""
         if not self.main:
             return
-        state = {"model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
+        state = {"model": ckpt.model_spec(self.cfg.student.model), "model_kwargs": self._model_kwargs,
+                 "student": self.student.state_dict(),
                  **run.state_dict(), "progress": vars(self.progress).copy(), "rng": ckpt.rng_state()}
         bad = ckpt.non_finite({"student": state["student"], "terms": state["terms"]})
         if bad is not None:
