@@ -323,7 +323,7 @@ def test_run_writes_metrics_events(run_a: tuple[Path, dict[str, Any]]) -> None:
     assert events[-1] == {"event": "final", **final}
     assert json.loads((run_dir / "final.json").read_text()) == final
     assert final["split"] == "test" and set(final["last"]) == {"top1", "top5", "loss"}
-    assert set(final) == {"primary_metric", "best_stage_epoch", "best_val", "split", "last", "best"}
+    assert set(final) == {"primary_metric", "best_stage_epoch", "best_val", "split", "last", "best", "engine"}
     assert final["primary_metric"] == "top1"
     best_epoch = next(e for e in epochs if [e["stage"], e["epoch"]] == final["best_stage_epoch"])
     assert best_epoch["val"]["top1"] == final["best_val"] == max(e["val"]["top1"] for e in epochs)

@@ -17,6 +17,8 @@ from pathlib import Path
 from padkd import __version__
 from padkd.errors import PadkdError
 
+#: padkd.engine.cpu.ENV (not imported here: that module imports torch).
+THREADS_ENV = "PADKD_THREADS"
 #: Subcommands whose `key=value` overrides may stand anywhere among the options.
 _WITH_OVERRIDES = ("train", "eval")
 
@@ -51,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from padkd import checkpoint as ckpt
     from padkd.assemble import make_data, make_model, make_task, resolve_device
     from padkd.config import ModelRef
+    from padkd.engine.cpu import set_threads
     from padkd.engine.evaluate import evaluate
     from padkd.engine.loaders import make_loader
     from padkd.engine.logging import finite_json
@@ -58,6 +61,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.checkpoint)
     cfg = load_checked(args.config or _run_config_for(path), args.overrides)
+    set_threads(cfg.engine.threads)
     ref = ModelRef(model=cfg.student.model, checkpoint=str(path))
     data = make_data(cfg)
     task = make_task(cfg.task)
@@ -303,8 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="padkd", description="Prime-Aware Adaptive Distillation toolkit")
     parser.add_argument("--version", action="version", version=f"padkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch's operators (wins over "
+                         "engine.threads; default: the cores idle at start, see docs/speed.md)")
 
-    p = sub.add_parser("train", help="train from a YAML config")
+    p = sub.add_parser("train", help="train from a YAML config", parents=[threads])
     p.add_argument("config", help="a YAML config file, or a built-in recipe's name (`padkd recipes`), e.g. "
                    "digits/teacher")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1 (anywhere "
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint's student")
+    p = sub.add_parser("eval", help="evaluate a checkpoint's student", parents=[threads])
     p.add_argument("checkpoint", help="a .pt file or a run directory (its best checkpoint)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
     p.add_argument("--config", help="config to take data and model from (default: the run's config.yaml)")
@@ -348,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "DEST to edit it (never overwrites)")
     p.set_defaults(func=_cmd_recipes)
 
-    p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report")
+    p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report",
+                       parents=[threads])
     p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
                    help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9) or "
                         "detection (synthetic shapes in the COCO format)")
@@ -368,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="the setting others are compared with (default: that of the first run)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why")
+    p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why",
+                       parents=[threads])
     p.add_argument("--mode", choices=["quick", "full"], default="quick",
                    help="quick: digits only, few seeds (minutes); full: every factor (over 90 min on 2 cores; "
                    "see --minutes)")
@@ -431,6 +440,22 @@ def _quiet_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    previous = os.environ.get(THREADS_ENV)
+    try:
+        return _main(args)
+    finally:  # a call of main() in a process that goes on (a test, a notebook) leaves its environment as it was
+        if previous is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = previous
+
+
+def _main(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"padkd: error: --threads {args.threads}: give at least 1", file=sys.stderr)
+            return 2
+        os.environ[THREADS_ENV] = str(args.threads)  # read by every run this command starts (engine/cpu.py)
     try:
         if args.command != "list":  # list loads plugins only to build its catalogue
             from padkd.plugins import load_plugins

@@ -158,7 +158,9 @@ class EngineConfig(Strict):
     """How each training step runs: precision, gradient accumulation and clipping, compile, layout."""
 
     #: bf16 or fp16 autocast (fp16 with a gradient scaler, saved in checkpoints); losses and PAD in fp32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: `auto`: bf16 where the device has bf16 units (AMX/AVX512-BF16 CPUs, bf16 GPUs), else fp32; the
+    #: precision used is recorded in final.json (`engine.precision`).
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     #: Micro-batches per optimizer step (the effective batch is accumulate × batch_size × processes).
     accumulate: int = Field(1, ge=1)
     #: Clip the global gradient norm of each optimizer step to this value (null: no clipping).
@@ -169,6 +171,9 @@ class EngineConfig(Strict):
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     #: NHWC memory layout for models and 4-d inputs (faster convolutions on recent GPUs).
     channels_last: bool = False
+    #: CPU threads of torch's operators; null: the policy of padkd.engine.cpu (`--threads N` wins, else
+    #: OMP_NUM_THREADS, else the cores idle at start). The count used is recorded in final.json.
+    threads: int | None = Field(None, ge=1, le=1024)
 
 
 class DistillConfig(Strict):

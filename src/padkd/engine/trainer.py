@@ -33,6 +33,7 @@ from padkd.batch import tree_leaves
 from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
 from padkd.engine import records, resume, rundir
+from padkd.engine.cpu import resolve_precision, set_threads
 from padkd.engine.evaluate import evaluate
 from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
 from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_progress
@@ -124,11 +125,15 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         self.callbacks = callbacks or []
+        self.threads = set_threads(cfg.engine.threads)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(ddp.local_rank())
             self.device = torch.device("cuda", ddp.local_rank())
         self.rank, self.world = ddp.init_from_env(self.device)
+        #: The engine settings this run trains with: `precision: auto` resolved for this device.
+        self.engine = cfg.engine.model_copy(update={"precision": resolve_precision(cfg.engine.precision,
+                                                                                    self.device)})
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self.task = make_task(cfg.task)
@@ -377,7 +382,7 @@ class Trainer:
             example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
             distiller.prepare(example, self.data.info(), self.world, previous)
         try:
-            run = StageRun(stage, distiller, cfg.engine, self.device, self.world, cfg.data.batch_size)
+            run = StageRun(stage, distiller, self.engine, self.device, self.world, cfg.data.batch_size)
         except ValueError as err:
             raise PadkdError(f"{where}: {err}") from None
         if state is not None:
@@ -533,7 +538,8 @@ class Trainer:
     def _finish(self, student: nn.Module) -> dict[str, Any]:
         progress = self.progress
         final: dict[str, Any] = {"primary_metric": self.task.primary_metric, "best_val": progress.best_metric,
-                                 "best_stage_epoch": progress.best_at}
+                                 "best_stage_epoch": progress.best_at, "engine": {"threads": self.threads,
+                                                                            "precision": self.engine.precision}}
         split = "test" if self.cfg.eval_test else "val"
         final["split"] = split
         if split in self.eval_loaders:
