@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,43 @@ def test_copy_writes_the_recipe_and_never_overwrites(elsewhere: Path, capsys: py
     assert main(["recipes", "--copy", "digits/kd", "out"]) == 0
     assert (elsewhere / "out" / "kd.yaml").read_text() == (RECIPES / "digits" / "kd.yaml").read_text()
     one_line_error(["recipes", "--copy", "digits/kk", "x.yaml"], capsys, "did you mean 'digits/kd'")
+
+
+@pytest.mark.slow
+def test_the_wheel_trains_a_named_recipe_outside_the_repository(tmp_path: Path) -> None:
+    """Build the wheel, install it alone into a folder that shadows any other padkd, and from a directory
+    outside the repository train a built-in recipe by name for one epoch and report it."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("padkd-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("padkd/recipes/")}
+    assert {f"padkd/recipes/{p.relative_to(RECIPES).as_posix()}" for p in RECIPES.rglob("*.yaml")} <= shipped
+    site, work = tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                              str(wheel)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert install.returncode == 0, install.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def padkd(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "padkd.cli", *args], capture_output=True, text=True,
+                              timeout=300, cwd=work, env=env)
+
+    where = subprocess.run([sys.executable, "-c", "import padkd; print(padkd.__file__)"], capture_output=True,
+                           text=True, cwd=work, env=env)
+    assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr  # not this checkout
+    trained = padkd("train", "digits/teacher", "stages.0.epochs=1", "output_dir=runs/teacher", "--quiet")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    final = json.loads((work / "runs" / "teacher" / "final.json").read_text())
+    assert final["best"]["top1"] > 20.0  # one epoch of the teacher on digits: well above chance (10%)
+    reported = padkd("report", "runs/teacher", "--out", "runs/report")
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    assert (work / "runs" / "report" / "report.md").is_file()
