@@ -391,3 +391,36 @@ def test_a_closed_pipe_exits_0_silently(tmp_path: Path) -> None:
     done = _padkd(["-c", f"import subprocess; subprocess.run(['bash', '-c', {script!r}])"], tmp_path,
                   {"XDG_CACHE_HOME": str(tmp_path)}, python=True)
     assert done.stderr == "" and done.stdout.splitlines()[1:] == ["rc=0", "rc=0"], done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_readmes_training_commands_run_in_order_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The first block of "Training from a config", line by line in a fresh directory; each recipe's stages
+    are cut to one epoch (the same overrides on every line, so --resume continues the same run)."""
+    import re
+    import shlex
+
+    from padkd.config import load_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Training from a config"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    commands = [shlex.split(line.split("  #")[0]) for line in block.group(1).strip().splitlines()]
+    assert [c[:2] for c in commands][:4] == [["padkd", "recipes"], ["padkd", "train"], ["padkd", "train"],
+                                             ["padkd", "train"]]
+    for command in commands:
+        argv = command[1:]
+        if argv[0] == "train":
+            stages = len(load_config(argv[1], [a for a in argv[2:] if "=" in a]).stages)
+            argv += [f"stages.{i}.epochs=1" for i in range(stages)] + ["--quiet"]
+        assert main(argv) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "runs" / "digits" / "pad_l2-s1" / "final.json").is_file()
+    import padkd
+
+    assert isinstance(padkd.load_student(tmp_path / "student.pt"), torch.nn.Module)
+    assert (tmp_path / "my_pad_l2.yaml").is_file() and (tmp_path / "runs" / "report" / "report.md").is_file()
+
