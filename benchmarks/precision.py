@@ -32,14 +32,15 @@ from padkd.engine.cpu import BF16_FLAGS, cpu_flags, native_bf16  # noqa: E402
 from padkd.engine.trainer import Trainer  # noqa: E402
 
 
-def train(raw: dict[str, Any], precision: str) -> tuple[float, float]:
-    """Test top-1 of the last model and the wall time of one run in `precision`."""
+def train(raw: dict[str, Any], precision: str) -> tuple[float, float, int]:
+    """Test top-1 of the last model, the wall time and the CPU threads of one run in `precision`."""
     raw = copy.deepcopy(raw)
     raw["engine"] = {**raw.get("engine", {}), "precision": precision}
     raw["output_dir"] = f"{raw['output_dir']}-{precision}"
     t0 = time.perf_counter()
     final = Trainer(parse_config(raw), quiet=True).run().final
-    return float(final["last"]["top1"]), time.perf_counter() - t0
+    assert final["engine"]["precision"] == precision
+    return float(final["last"]["top1"]), time.perf_counter() - t0, int(final["engine"]["threads"])
 
 
 def interval(diffs: list[float]) -> str:
@@ -60,26 +61,29 @@ def main() -> None:
     args = parser.parse_args()
     flags = sorted(cpu_flags() & set(BF16_FLAGS))
     print(f"CPU {cpu_name()}; bf16 flags: {', '.join(flags) or 'none'}; native bf16 (precision: auto picks bf16): "
-          f"{native_bf16(torch.device('cpu'))}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+          f"{native_bf16(torch.device('cpu'))}; torch {torch.__version__}; CPU threads per run: padkd's policy "
+          "(--threads / OMP_NUM_THREADS, else the idle cores), shown per method")
     with tempfile.TemporaryDirectory(prefix="padkd-precision-") as tmp:
         out = args.out or Path(tmp)
         teacher = teacher_config(out, args.quick)
         Trainer(parse_config({**teacher, "device": "cpu"}), quiet=True).run()
         print(f"{'method':8s} {'fp32 top-1':>10s} {'bf16 top-1':>10s}  {'bf16 - fp32 [95% CI]':26s} "
-              f"{'fp32 s/run':>10s} {'bf16 s/run':>10s}")
+              f"{'fp32 s/run':>10s} {'bf16 s/run':>10s}  threads")
         for method in args.methods:
             top1: dict[str, list[float]] = {"fp32": [], "bf16": []}
             seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
+            threads: set[int] = set()
             for seed in range(args.seeds):
                 raw = {**student_config(method, seed, out, args.quick), "device": "cpu"}
                 for precision in ("fp32", "bf16") if seed % 2 == 0 else ("bf16", "fp32"):
-                    accuracy, wall = train(raw, precision)
+                    accuracy, wall, used = train(raw, precision)
+                    threads.add(used)
                     top1[precision].append(accuracy)
                     seconds[precision].append(wall)
             diffs = [b - a for a, b in zip(top1["fp32"], top1["bf16"], strict=True)]
             print(f"{method:8s} {statistics.fmean(top1['fp32']):10.2f} {statistics.fmean(top1['bf16']):10.2f}  "
                   f"{interval(diffs):26s} {statistics.median(seconds['fp32']):10.1f} "
-                  f"{statistics.median(seconds['bf16']):10.1f}", flush=True)
+                  f"{statistics.median(seconds['bf16']):10.1f}  {'/'.join(map(str, sorted(threads)))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -107,13 +107,18 @@ def test_the_wheel_trains_a_named_recipe_outside_the_repository(tmp_path: Path) 
     """Build the wheel, install it alone into a folder that shadows any other padkd, and from a directory
     outside the repository train a built-in recipe by name for one epoch and report it."""
     import os
+    import shutil
     import subprocess
     import sys
     import zipfile
 
-    root = Path(__file__).resolve().parents[1]
+    root, tree = Path(__file__).resolve().parents[1], tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # a copy: the build writes build/ and *.egg-info beside them
+        shutil.copy2(root / name, tree / name)
+    shutil.copytree(root / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300,
+                            "-w", str(tmp_path / "dist"), str(tree)], capture_output=True, text=True, timeout=300,
                            cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("padkd-*.whl")
