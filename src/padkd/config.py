@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import reprlib
 import sys
@@ -491,7 +492,8 @@ def find_config(name: str | Path, extended_by: Path | None = None) -> Path:
     hint = ""
     if extended_by is not None and (extended_by.parent / path).is_file():
         hint = (f"; it exists beside {extended_by.name}, but bases are found from the current directory: write "
-                f"extends: {(extended_by.parent / path).as_posix()}, or run padkd from {extended_by.parent}")
+                f"extends: {Path(os.path.relpath(extended_by.parent / path)).as_posix()}, or run padkd from "
+                f"{extended_by.parent}")
     stem = str(name).removesuffix(path.suffix) if path.suffix in SUFFIXES else str(name)
     raise PadkdError(f"config file '{name}'{by} not found (no file {path.absolute()}, no built-in recipe "
                      f"'{stem}'){hint or did_you_mean(stem, recipe_names(), list_all=False)}; list recipes with "
