@@ -204,6 +204,9 @@ def test_format_detection_errors(tmp_path: Path) -> None:
         load(mixed, tmp_path)
     one_line(err, "both .txt and .jsonl", "data.format")
     assert load(mixed, tmp_path, format="txt").train.store.n_documents == 8
+    write_txt(mixed / ".git", ["hidden folders are skipped"])
+    (mixed / ".notes.txt").write_text("and so are hidden files")
+    assert load(mixed, tmp_path, format="txt").train.store.n_documents == 8
     (tmp_path / "empty").mkdir()
     with pytest.raises(PadkdError) as err:
         load(tmp_path / "empty", tmp_path)

@@ -17,6 +17,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +146,15 @@ def _read_document(path: Path) -> str:
     return files.decode(data, path, "text document")
 
 
+def _visible(root: Path, pattern: str) -> list[Path]:
+    """Files matching `pattern` under `root`, recursively, sorted; hidden files and folders (`.git`) skipped."""
+    return sorted(p for p in root.rglob(pattern)
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def txt_corpus(root: Path) -> Corpus:
-    """Every `*.txt` file under `root` (recursively, sorted by path), one document each."""
-    paths = sorted(p for p in root.rglob("*.txt") if p.is_file())
+    """Every `*.txt` file under `root` (recursively, sorted by path, hidden ones skipped), one document each."""
+    paths = _visible(root, "*.txt")
     if not paths:
         raise PadkdError(f"data.root: '{root}' holds no .txt file; put one document per .txt file there")
 
@@ -161,7 +168,7 @@ def txt_corpus(root: Path) -> Corpus:
 def jsonl_corpus(root: Path, text_field: str) -> Corpus:
     """One document per line of a `.jsonl` file (or of every `*.jsonl` under a folder, sorted): the line's
     `text_field` string. Blank lines are skipped; any other bad line stops with `file:line`."""
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*.jsonl") if p.is_file())
+    paths = [root] if root.is_file() else _visible(root, "*.jsonl")
     if not paths:
         raise PadkdError(f"data.root: '{root}' holds no .jsonl file")
     base = root.parent if root.is_file() else root
@@ -239,8 +246,7 @@ def detect_format(root: Path) -> Literal["txt", "jsonl", "hf"]:
                          "folder of .txt files")
     if _is_hf_dir(root):
         return "hf"
-    has_jsonl = next(root.rglob("*.jsonl"), None) is not None
-    has_txt = next(root.rglob("*.txt"), None) is not None
+    has_jsonl, has_txt = bool(_visible(root, "*.jsonl")), bool(_visible(root, "*.txt"))
     if has_jsonl and has_txt:
         raise PadkdError(f"data.root: '{root}' holds both .txt and .jsonl files; set data.format to txt or jsonl")
     if has_jsonl:
@@ -257,8 +263,13 @@ def stdlib_corpus(source: Literal["code", "docs", "both"], subpackages: bool) ->
     root = Path(sysconfig.get_paths()["stdlib"])
     paths: list[Path] = []
     if source in ("code", "both"):
-        found = root.rglob("*.py") if subpackages else root.glob("*.py")
-        paths = sorted(p for p in found if p.is_file() and not _STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
+        if subpackages:
+            for folder, subfolders, names in os.walk(root):
+                subfolders[:] = [d for d in subfolders if d not in _STDLIB_SKIP]  # never walk site-packages
+                paths += [Path(folder) / n for n in names if n.endswith(".py")]
+        else:
+            paths = list(root.glob("*.py"))
+        paths = sorted(p for p in paths if p.is_file())
     topics: dict[str, str] = {}
     if source in ("docs", "both"):
         from pydoc_data.topics import topics
@@ -356,7 +367,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tok: Any, ident: str) -> None:
     vocab = len(tok)
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
     eos, _ = special_ids(tok)
-    offsets, n_bytes = [0], []
+    offsets, n_bytes = array("q", [0]), array("q")  # 8 bytes per document, not a Python int each
     digest = hashlib.sha256()
     with open(folder / "tokens.bin", "wb") as out:
 
@@ -387,7 +398,7 @@ def _write_tokens(folder: Path, corpus: Corpus, tok: Any, ident: str) -> None:
     if len(n_bytes) < 2:
         raise PadkdError(f"data: {corpus.name} holds {len(n_bytes)} non-empty document(s); a split by document "
                          "needs at least two (train and test)")
-    table = np.asarray(offsets + n_bytes, dtype=np.int64)
+    table = np.concatenate([np.frombuffer(offsets, dtype=np.int64), np.frombuffer(n_bytes, dtype=np.int64)])
     with open(folder / "documents.npy", "wb") as f:
         np.save(f, table, allow_pickle=False)
     meta = {"format": TOKENS_FORMAT, "dtype": dtype.name, "n_tokens": offsets[-1], "n_documents": len(n_bytes),
