@@ -383,3 +383,9 @@ def test_fingerprint_changes_with_the_split_and_block_size(tmp_path: Path) -> No
     assert a.train.fingerprint != a.test.fingerprint
     assert a.train.fingerprint != load(root, tmp_path, block_size=16).train.fingerprint
     assert isinstance(a.train, PackedText)
+
+
+def test_python_stdlib_subpackages_never_enter_installed_packages_or_test_suites() -> None:
+    files_ = [entry[0] for entry in text_mod.stdlib_corpus("code", subpackages=True).key["files"]]
+    assert "json/decoder.py" in files_ and "os.py" in files_
+    assert not [f for f in files_ if {"site-packages", "test", "__pycache__"} & set(f.split("/")[:-1])]
