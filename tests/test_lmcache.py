@@ -78,6 +78,25 @@ def test_topk_of_a_bf16_teacher_holds_its_logits_bitwise() -> None:
     assert torch.allclose(log_probs, full.gather(-1, indices.long()), atol=1e-6, rtol=1e-6)  # fp32 rounding
 
 
+def test_a_tempered_cache_holds_the_tempered_distribution(tmp_path: Path) -> None:
+    logits = teacher_logits()
+    values, indices, lse = topk_entries(logits, K, temperature=2.0)
+    assert torch.equal(values, (logits / 2).half().topk(K, dim=-1).values)
+    log_probs, log_tail = cached_log_probs(values, lse)
+    tempered = torch.softmax(logits / 2, dim=-1)  # logits/2 are multiples of 1/8: fp16 holds them exactly
+    assert torch.allclose(log_probs.exp(), tempered.gather(-1, indices.long()), atol=1e-6)
+    assert torch.allclose(log_tail.exp(), 1 - tempered.gather(-1, indices.long()).sum(-1), atol=1e-6)
+    write_cache(tmp_path / "cache", identity={**IDENTITY, "temperature": "2"})
+    assert TeacherCache.open(tmp_path / "cache", {**IDENTITY, "temperature": "2"}).temperature == 2.0
+    refused(tmp_path / "cache", "another temperature (cached 2, this run (none))")
+    write_cache(tmp_path / "plain")
+    assert TeacherCache.open(tmp_path / "plain", IDENTITY).temperature == 1.0
+    with pytest.raises(ValueError, match="'temperature' must be a positive number"):
+        TeacherCacheWriter(tmp_path / "bad", n_items=N, seq_len=T, k=K, identity={"temperature": "-1"})
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        topk_entries(logits, K, temperature=0.0)
+
+
 def test_round_trip_is_exact(tmp_path: Path) -> None:
     logits = teacher_logits()
     write_cache(tmp_path / "cache", logits)

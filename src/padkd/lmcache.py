@@ -40,11 +40,14 @@ _META_LIMIT = 1 << 20
 _FIX = "run `padkd cache-teacher CONFIG` again for this run, or point at the cache made for it"
 
 
-def topk_entries(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """What the cache stores for teacher `logits [..., V]`: the top-k logits rounded to fp16, their ids
-    (int32), and the fp32 logsumexp over the whole vocabulary of the same fp16-rounded logits, so the top-k
-    probabilities and the remaining mass sum to exactly one (bitwise the teacher's for a bf16/fp16 teacher)."""
-    rounded = logits.detach().to(torch.float16)
+def topk_entries(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """What the cache stores for teacher `logits [..., V]`: the top-k of `logits / temperature` rounded to fp16,
+    their ids (int32), and the fp32 logsumexp over the whole vocabulary of the same fp16-rounded values, so the
+    top-k probabilities and the remaining mass sum to exactly one (at temperature 1, bitwise the teacher's
+    logits for a bf16/fp16 teacher). Record a temperature other than 1 as the identity key `temperature`."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    rounded = (logits.detach().float() / temperature).to(torch.float16)
     values, indices = rounded.topk(k, dim=-1)
     return values, indices.to(torch.int32), torch.logsumexp(rounded.float(), dim=-1)
 
@@ -90,6 +93,7 @@ class TeacherCacheWriter:
             raise ValueError(f"identity {sorted(clash)} contradicts the cache's shape {self.shape}")
         self.identity = {**{key: str(value) for key, value in identity.items()},
                          **{key: str(value) for key, value in self.shape.items()}}
+        _temperature(self.identity)
         _refuse_link(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         _refuse_link(self.directory / METADATA)
@@ -207,11 +211,20 @@ class TeacherCache:
             raise PadkdError(f"teacher cache '{folder}': {METADATA} lacks its shape, identity or arrays; "
                              f"{_FIX}") from None
         _check_identity(folder, stored, {str(key): str(value) for key, value in identity.items()})
+        try:
+            _temperature(stored)
+        except ValueError as err:
+            raise PadkdError(f"teacher cache '{folder}': {err}; {_FIX}") from None
         arrays = {name: _open_array(folder, name, entries[name], _shape(name, **shape)) for name in ARRAYS}
         return cls(folder, shape["n_items"], shape["seq_len"], shape["k"], stored, **arrays)
 
     def __len__(self) -> int:
         return self.n_items
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the cached logits were divided by (identity key `temperature`; 1 when absent)."""
+        return _temperature(self.identity)
 
     def lookup(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Items `index [B]`: top-k values fp16 `[B, T, k]`, their ids long `[B, T, k]`, logsumexp fp32 `[B, T]`
@@ -221,6 +234,16 @@ class TeacherCache:
             raise IndexError(f"item index out of range 0..{self.n_items - 1}: {idx.min()}..{idx.max()}")
         return (torch.from_numpy(self.values[idx]), torch.from_numpy(self.indices[idx].astype(np.int64)),
                 torch.from_numpy(self.logsumexp[idx]))
+
+
+def _temperature(identity: dict[str, str]) -> float:
+    try:
+        value = float(identity.get("temperature", "1"))
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"identity 'temperature' must be a positive number, got {identity['temperature']!r}")
+    return value
 
 
 def _short(value: str | None) -> str:
