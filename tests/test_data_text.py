@@ -322,6 +322,19 @@ def test_token_file_is_cached_and_keyed_by_content_and_tokenizer(tmp_path: Path,
     assert len(list((tmp_path / "cache").iterdir())) == 3
 
 
+def test_tokenising_in_small_batches_writes_the_same_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = text_mod.txt_corpus(write_txt(tmp_path / "c", DOCS))
+    whole = text_mod.tokenize(corpus, ByteTokenizer(), tmp_path / "one")
+    monkeypatch.setattr(text_mod, "_BATCH_CHARS", 10)  # a batch flushed after every document or two
+    calls: list[int] = []
+    real = text_mod._encode
+    monkeypatch.setattr(text_mod, "_encode", lambda tok, texts: calls.append(len(texts)) or real(tok, texts))
+    batched = text_mod.tokenize(corpus, ByteTokenizer(), tmp_path / "many")
+    assert len(calls) >= 4 and max(calls) <= 2
+    assert (batched.folder / "tokens.bin").read_bytes() == (whole.folder / "tokens.bin").read_bytes()
+    assert np.array_equal(batched.offsets, whole.offsets) and np.array_equal(batched.doc_bytes, whole.doc_bytes)
+
+
 def test_large_vocabulary_is_stored_as_int32(tmp_path: Path) -> None:
     class Wide(ByteTokenizer):
         eos_token_id = 70_000

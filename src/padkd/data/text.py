@@ -224,7 +224,7 @@ def hf_corpus(root: Path, text_field: str, split: str) -> Corpus:
     if text_field not in loaded.column_names:
         raise PadkdError(f"data.text_field: '{root}' has no column '{text_field}'; its columns are "
                          f"{', '.join(loaded.column_names)}")
-    table = loaded.select_columns([text_field])
+    table = loaded.select_columns([text_field]).with_format(None)  # plain Python strings, whatever was saved
 
     def documents() -> Iterator[str]:
         for start in range(0, len(table), 1000):
@@ -392,7 +392,8 @@ def _write_tokens(folder: Path, corpus: Corpus, tok: Any, ident: str) -> None:
             if chars >= _BATCH_CHARS:
                 flush(batch)
                 batch, chars = [], 0
-        flush(batch)
+        if batch:
+            flush(batch)
         out.flush()
         os.fsync(out.fileno())
     if len(n_bytes) < 2:
