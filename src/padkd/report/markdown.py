@@ -63,7 +63,7 @@ def number(x: float | None, digits: int = 2) -> str:
 
 
 def mean_pm_std(mean: float | None, std: float | None, digits: int = 2) -> str:
-    return "n/a" if mean is None or std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return "n/a" if mean is None or std is None else f"{number(mean, digits)} ± {std:.{digits}f}"
 
 
 def interval(low: float | None, high: float | None, digits: int = 2) -> str:
@@ -232,6 +232,7 @@ def render(results: dict[str, Any], rows: Sequence[dict[str, Any]], figures: dic
     teacher = (results.get("teacher_metrics") or {}).get(metric)
     task = results.get("task", "classification")
     direction = "higher is better" if higher else "lower is better"
+    with_best = any(r["best_values"] for r in rows)
     lines = [f"# PAD distillation report: {results.get('dataset', 'unknown data set')} ({task})", ""]
     if results.get("quick"):
         lines += [f"> **{QUICK_NOTE}**", ""]
@@ -247,14 +248,16 @@ def render(results: dict[str, Any], rows: Sequence[dict[str, Any]], figures: dic
         "",
         "## Results",
         "",
-        f"Student test {metric} after the last epoch and of the checkpoint with the best validation {metric} (the "
-        "last epoch's where there is no validation split); mean ± sample std over seeds.",
+        f"Student test {metric} after the last epoch" + (f" and of the checkpoint with the best validation {metric}"
+                                                         if with_best else " (the runs have no validation split)")
+        + "; mean ± sample std over seeds.",
         "",
-        *_table(["Method", "Last epoch", "Best-val checkpoint", "n", "Per seed (last)", "Per seed (best val)"],
+        *_table(["Method", "Last epoch", *(["Best-val checkpoint"] if with_best else []), "n", "Per seed (last)",
+                 *(["Per seed (best val)"] if with_best else [])],
                 [[r["label"], mean_pm_std(r["mean"], r["std"], digits),
-                  mean_pm_std(r["best_mean"], r["best_std"], digits), str(r["n"]),
-                  per_seed(r["seeds"], r["values"], digits), per_seed(r["best_seeds"], r["best_values"], digits)]
-                 for r in rows]),
+                  *([mean_pm_std(r["best_mean"], r["best_std"], digits)] if with_best else []), str(r["n"]),
+                  per_seed(r["seeds"], r["values"], digits),
+                  *([per_seed(r["best_seeds"], r["best_values"], digits)] if with_best else [])] for r in rows]),
         "",
     ]
     compared = [r for r in rows if r["method"] != baseline]
@@ -263,8 +266,8 @@ def render(results: dict[str, Any], rows: Sequence[dict[str, Any]], figures: dic
             f"## Paired differences vs {baseline_label}",
             "",
             f"Last-epoch test {metric} minus the baseline's, paired by seed; 95% confidence interval from Student's "
-            f"t with n−1 degrees of freedom (none for a single pair). {metric} is {direction}: a method is called "
-            "better or worse only when the interval excludes zero"
+            f"t with n−1 degrees of freedom (none for a single pair). {'Higher' if higher else 'Lower'} {metric} is "
+            "better: a method is called better or worse only when the interval excludes zero"
             + (", and a quick run is not judged at all." if results.get("quick") else "."),
             "",
             *_table(["Method", "Mean difference", "95% CI", "Pairs", "Verdict"],
