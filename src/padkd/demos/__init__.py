@@ -98,6 +98,7 @@ class Runs:
         holds_checkpoint = any((run_dir / "checkpoints" / n).is_file() for n in ("last.pt", "best.pt"))
         try:
             return Trainer(cfg, resume=self.resume and holds_checkpoint, quiet=True).run().final
-        except Interrupted as err:
-            where = str(err).split("; continue with")[0]
-            raise Interrupted(f"{where}; continue the demo with: {self.resume_command}") from None
+        except Interrupted:
+            saved = run_dir / "checkpoints" / "last.pt"
+            raise Interrupted(f"interrupted in run {run_dir}; checkpoint saved to {saved}; continue the demo with: "
+                              f"{self.resume_command}") from None
