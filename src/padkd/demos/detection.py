@@ -14,8 +14,7 @@ one seed, was worse than the one trained without distillation.)
 Writes results.json and report.md (COCO mAP with paired intervals, every COCO stat, learning curves of the
 training loss, detections drawn on validation images for the teacher and the students, what PAD's variance
 shows) and prints the table. Every number is measured on SYNTHETIC data and says nothing about real images.
-Runs on one CPU thread (`padkd.demos.single_thread`): with torch's default threads on a busy 2-core machine
-the demo trained at 3.2 images/s and was killed after 335 s; on one thread it finished in 216 s.
+Runs on one CPU thread (`padkd.demos.single_thread`), as the retrieval demo does.
 """
 
 from __future__ import annotations
