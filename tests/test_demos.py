@@ -54,7 +54,7 @@ def _interrupt_trainer(monkeypatch: pytest.MonkeyPatch, which: int) -> None:
     monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
 
 
-@pytest.mark.slow  # four retrieval runs of four batches, twice: ~15 s on a busy 2-core machine
+@pytest.mark.slow  # four retrieval runs of four batches (one interrupted and resumed)
 def test_an_interrupted_demo_resumes_by_the_command_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
@@ -84,13 +84,6 @@ def test_an_interrupted_demo_resumes_by_the_command_it_names(tmp_path: Path, mon
     assert str(tmp_path) not in (out / "results.json").read_text()
     assert "padkd demo --task retrieval --out . --seeds 1 --quick" in report
     assert "QUICK RUN" in report and "| better |" not in report
-
-    # The interrupted run, resumed, ends where an uninterrupted one does (same seed, same data order).
-    again = tmp_path / "again"
-    assert main([*argv[:-1], str(again)]) == 0
-    capsys.readouterr()
-    assert json.loads((again / "seed0" / "rkd" / "final.json").read_text())["last"] == \
-        json.loads((out / "seed0" / "rkd" / "final.json").read_text())["last"]
 
     # Finished runs are reused only with the options that trained them.
     assert main([a for a in argv if a != "--quick"] + ["--resume"]) == 2

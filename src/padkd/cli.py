@@ -137,9 +137,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from padkd.demos import DEFAULT_OUT
-
-    out = Path(args.out or DEFAULT_OUT[args.task])
+    out = Path(args.out or ("runs/demo" if args.task == "classification" else f"runs/demo-{args.task}"))
     options = {"quick": args.quick, "quiet": args.quiet, "overwrite": args.overwrite, "resume": args.resume}
     if args.seeds is not None:
         options["seeds"] = args.seeds

@@ -19,9 +19,6 @@ from typing import Any
 
 from padkd.errors import PadkdError
 
-#: The folder each demo writes to when `--out` is not given.
-DEFAULT_OUT = {"classification": "runs/demo", "retrieval": "runs/demo-retrieval", "detection": "runs/demo-detection"}
-
 
 def fresh_output(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse a demo folder that already holds files unless `overwrite` (then empty it) or `resume` (then
