@@ -92,10 +92,11 @@ def verdict_line(row: dict[str, Any], baseline_label: str, higher_is_better: boo
 def format_table(rows: Sequence[dict[str, Any]], quick: bool = False) -> str:
     """Fixed-width text table of `summarize` rows, for the terminal (headed by QUICK_NOTE for a quick run)."""
     metric = rows[0].get("metric", "top1") if rows else "top1"
-    header = ["method", f"test {metric} (last)", f"test {metric} (best val)", "n", "Δ vs baseline", "95% CI",
-              "verdict"]
+    with_best = any(r["best_values"] for r in rows)  # none without a validation split
+    header = ["method", f"test {metric} (last)", *([f"test {metric} (best val)"] if with_best else []), "n",
+              "Δ vs baseline", "95% CI", "verdict"]
     body = [[r["label"], mean_pm_std(r["mean"], r["std"], r.get("digits", 2)),
-             mean_pm_std(r["best_mean"], r["best_std"], r.get("digits", 2)), str(r["n"]),
+             *([mean_pm_std(r["best_mean"], r["best_std"], r.get("digits", 2))] if with_best else []), str(r["n"]),
              "" if r["diff_mean"] is None else signed(r["diff_mean"], r.get("digits", 2)),
              "" if r["diff_mean"] is None else interval(r["ci_low"], r["ci_high"], r.get("digits", 2)), r["verdict"]]
             for r in rows]
