@@ -26,7 +26,8 @@ from padkd.engine.records import read_csv, read_header
 from padkd.errors import PadkdError
 from padkd.report import plots
 from padkd.report.markdown import Figure, VarianceSummary, format_table, render
-from padkd.report.runs import relative, results_from_runs
+from padkd.report.runs import relative as _rel
+from padkd.report.runs import results_from_runs
 from padkd.report.stats import QUICK, digits_for, mean_std, paired_ci, spearman, verdict
 
 __all__ = ["format_table", "report_runs", "results_from_runs", "summarize", "write_report"]
@@ -181,11 +182,6 @@ def _learning_curves(results: dict[str, Any], out_dir: Path, plot_dir: Path) -> 
                + ("" if part == "val" else " The runs have no validation split, so the curve is the training "
                   "loss (the sum of the task loss and the weighted terms), not a metric."))
     return Figure(title, caption, _rel(path, out_dir))
-
-
-def _rel(path: Path, out_dir: Path) -> str:
-    """`path` relative to the report's folder (`..` where it lies outside): a report holds no absolute path."""
-    return relative(path, out_dir)
 
 
 def _records_in(run_dir: Path, term: str | None) -> tuple[Path, str] | None:
