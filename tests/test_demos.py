@@ -85,6 +85,13 @@ def test_an_interrupted_demo_resumes_by_the_command_it_names(tmp_path: Path, mon
     assert "padkd demo --task retrieval --out . --seeds 1 --quick" in report
     assert "QUICK RUN" in report and "| better |" not in report
 
+    # `padkd report` on the demo's real retrieval runs, by Recall@1.
+    assert main(["report", *(str(out / "seed0" / m) for m in ("none", "rkd")), "--out", str(tmp_path / "rep")]) == 0
+    reported = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert reported["metric"] == "recall@1" and sorted(reported["last"][m]["0"] for m in reported["methods"]) == \
+        sorted(results["last"][m]["0"] for m in ("none", "rkd"))
+    capsys.readouterr()
+
     # Finished runs are reused only with the options that trained them.
     assert main([a for a in argv if a != "--quick"] + ["--resume"]) == 2
     assert "the demo's options differ from those this folder was trained with" in capsys.readouterr().err
@@ -112,3 +119,10 @@ def test_detection_demo_writes_the_report_and_says_its_data_are_synthetic(
     assert "SYNTHETIC" in info["description"]
     with pytest.raises(PadkdError, match="--overwrite"):
         demo.run_detection_demo(tmp_path / "demo", quick=True)
+    # `padkd report` on the demo's real detection runs (no validation split: `"val": null` epochs).
+    runs = [str(tmp_path / "demo" / "seed0" / m) for m in ("none", "fgfi", "pad_fgfi")]
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    reported = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert reported["metric"] == "mAP" and reported["task"] == "detection" and len(reported["methods"]) == 3
+    assert reported["last"] == {m: {"0": saved["last"][k]["0"]} for m, k in zip(reported["methods"], saved["last"],
+                                                                                 strict=True)}
