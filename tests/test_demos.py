@@ -124,5 +124,6 @@ def test_detection_demo_writes_the_report_and_says_its_data_are_synthetic(
     assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
     reported = json.loads((tmp_path / "rep" / "results.json").read_text())
     assert reported["metric"] == "mAP" and reported["task"] == "detection" and len(reported["methods"]) == 3
+    assert str(tmp_path) not in (tmp_path / "rep" / "report.md").read_text()
     assert reported["last"] == {m: {"0": saved["last"][k]["0"]} for m, k in zip(reported["methods"], saved["last"],
                                                                                  strict=True)}

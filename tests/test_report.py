@@ -475,3 +475,17 @@ def test_per_dimension_panels_do_not_overlap():
     fig.draw(renderer)
     left, right = fig.axes
     assert right.yaxis.label.get_window_extent(renderer).x0 > left.get_tightbbox(renderer).x1
+
+
+def test_setting_names_show_paths_relative_to_the_report(tmp_path: Path):
+    from padkd.report import report_runs
+
+    runs = [task_run(tmp_path / "runs", f"r{s}", "classification", s, {"top1": 90.0 + s}, "uniform") for s in (0, 1)]
+    for run, teacher in zip(runs, ("t1", "t2"), strict=True):
+        config = json.loads((run / "config.yaml").read_text())
+        config["teacher"] = {"model": {"name": "m"}, "checkpoint": str(tmp_path / teacher / "checkpoints" / "best.pt")}
+        (run / "config.yaml").write_text(json.dumps(config))
+    text = report_runs(runs, tmp_path / "runs" / "report").read_text()
+    assert json.loads((tmp_path / "runs" / "report" / "results.json").read_text())["methods"] == [
+        "teacher.checkpoint=../../t1/checkpoints/best.pt", "teacher.checkpoint=../../t2/checkpoints/best.pt"]
+    assert str(tmp_path) not in text

@@ -10,6 +10,7 @@ pretend to know.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from padkd.report.stats import mean_std
 CORRECT_COLOR, WRONG_COLOR = "tab:blue", "tab:red"
 #: The fewest values a box plot summarises; fewer are drawn as points.
 MIN_BOX = 10
+#: The longest method label the learning curves' legend holds inside the axes.
+LEGEND_INSIDE = 40
 
 
 def save(fig: Figure, path: Path, dpi: int = 120) -> None:
@@ -78,7 +81,11 @@ def learning_curves(curves: Mapping[str, Mapping[int, Sequence[float]]], labels:
     ax.set_ylabel(ylabel)
     ax.set_title("Learning curves: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if max((len(name) for name in labels.values()), default=0) <= LEGEND_INSIDE:
+        ax.legend(fontsize=8)
+    else:  # settings named by several config keys: below the axes, wrapped, so the axes keep their size
+        handles, names = ax.get_legend_handles_labels()
+        fig.legend(handles, [textwrap.fill(n, 100) for n in names], loc="outside lower center", fontsize=7)
     save(fig, path)
 
 

@@ -23,6 +23,8 @@ from padkd.engine.logging import read_metrics
 from padkd.errors import PadkdError
 from padkd.tasks import TASKS
 
+#: Config keys that name files or folders: shown relative to the report (a report holds no absolute path).
+PATH_KEY = re.compile(r"(^|\.)(checkpoint|root|\w+_path|\w+_dir)$")
 #: Config keys that do not make two runs different settings.
 IGNORED = re.compile(r"^(seed|name|output_dir|log(\..*)?|device|data\.(num_workers|pin_memory|persistent_workers|"
                      r"prefetch_factor|root)|engine\.(compile|compile_backend|threads))$")
@@ -169,7 +171,8 @@ def results_from_runs(run_dirs: list[Path], out_dir: Path, labels: dict[str, str
     loaded = []
     for run_dir in run_dirs:
         config, final = _load(run_dir)
-        flat = {k: v for k, v in flatten(config).items() if not IGNORED.match(k)}
+        flat = {k: relative(Path(v), out_dir) if PATH_KEY.search(k) and isinstance(v, str) and v else v
+                for k, v in flatten(config).items() if not IGNORED.match(k)}
         loaded.append((run_dir.resolve(), config, final, flat))
     metas = [task_meta(config, final, run_dir) for run_dir, config, final, _ in loaded]
     kinds = sorted({f"{m['task']} ({m['metric']})" for m in metas})
