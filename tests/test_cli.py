@@ -255,8 +255,8 @@ def test_demo_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["methods"] == ["none", "kd", "l2", "pad_l2", "ohem_l2"]
-    assert set(results["test_top1"]) == set(results["methods"])
-    assert all(set(v) == {"0"} for v in results["test_top1"].values())
+    assert set(results["last"]) == set(results["methods"]) and results["metric"] == "top1"
+    assert all(set(v) == {"0"} for v in results["last"].values())
     assert results["epochs"] == {"stage1": 2, "stage2": 1, "total": 3}
     assert (out / "report.md").is_file() and (out / "report.md").read_text().strip()
     assert (out / "seed0" / "pad_l2" / "records" / "1-stage2-test.csv").is_file()

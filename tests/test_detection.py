@@ -705,19 +705,3 @@ def test_coco_evaluation_gathers_detections_across_ranks(tmp_path: Path) -> None
                                              "score": 0.9} for k, (c, b) in enumerate(objs)], [1, 2])
     assert ranks[0] == pytest.approx(single)
     assert ranks[0]["mAP"] < 1.0
-
-
-@pytest.mark.slow  # four tiny detector runs: about a minute on a busy 2-core machine
-def test_detection_demo_quick_run_says_its_data_are_synthetic(tmp_path: Path, capsys) -> None:
-    from padkd.demos.detection import run_detection_demo
-
-    results = run_detection_demo(tmp_path / "demo", seeds=1, quick=True)
-    out, err = capsys.readouterr()
-    assert "SYNTHETIC" in out and "SYNTHETIC" in err
-    assert set(results["mAP"]) == {"none", "fgfi", "pad_fgfi"} and results["synthetic"] is True
-    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert saved["mAP"] == results["mAP"] and "SYNTHETIC" in saved["data"]
-    info = json.loads((tmp_path / "demo" / "data" / "annotations" / "instances_val.json").read_text())["info"]
-    assert "SYNTHETIC" in info["description"]
-    with pytest.raises(PadkdError, match="--overwrite"):
-        run_detection_demo(tmp_path / "demo", quick=True)

@@ -162,8 +162,9 @@ def test_write_report_from_demo_dir(tmp_path: Path, test_labels: list[int]):
     assert f"{rho_conf:.3f}".replace("-", "\u2212") in text
     n_wrong = sum(p != t for p, t in zip(columns["teacher_pred"], columns["target"], strict=True))
     assert f"(n = {n_wrong})" in text and "records/1-pad-test.csv" in text
-    assert "PAD-L2 (two-stage) \u2212 L2 hint (epoch-matched) = +1.00 points" in text
-    assert "padkd demo --seeds 2" in text and "98.90 %" in text and "easy to mimic" in text
+    assert "PAD-L2 (two-stage) \u2212 L2 hint (epoch-matched) = +1.00 top1 over 2 paired seed(s)" in text
+    assert "padkd demo --seeds 2" in text and "Teacher test top1: 98.90" in text and "easy to mimic" in text
+    assert "Wall time: 12.3 s" in text and "QUICK RUN" not in text
     for name in PLOTS:
         path = tmp_path / "plots" / f"{name}.png"
         assert is_png(path), name
@@ -172,7 +173,11 @@ def test_write_report_from_demo_dir(tmp_path: Path, test_labels: list[int]):
 
 def test_report_skips_what_it_cannot_draw(tmp_path: Path, test_labels: list[int]):
     make_demo(tmp_path, test_labels, dataset="other")
+    results = json.loads((tmp_path / "results.json").read_text())
+    del results["seconds"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
     text = write_report(tmp_path).read_text()
+    assert "Wall time" not in text  # unknown: no line, never "n/a"
     assert "Not drawn: test images are drawn only for digits" in text
     assert not (tmp_path / "plots" / "prime_images.png").exists()
     assert is_png(tmp_path / "plots" / "sigma_vs_error.png")
@@ -276,3 +281,211 @@ def test_padkd_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "report:" in capsys.readouterr().out
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "weighting.name=ohem" in text and "+1.00" in text and "No variance summary" in text
+
+
+# ---------------------------------------------------------------------------------------------- every task
+class _Perplexity:
+    """A lower-is-better task as a plugin would register it (only its metadata is read by the report)."""
+
+    primary_metric = "perplexity"
+    higher_is_better = False
+
+
+def task_run(root: Path, name: str, task: str, seed: int, metrics: dict[str, float], weighting: str,
+             records: dict[str, list[float]] | None = None, val: bool = True) -> Path:
+    """A finished one-stage run of `task` in the on-disk format of `padkd train`: config.yaml, metrics.jsonl
+    (epoch events with `"val": null` when `val` is False, as runs without a validation split write),
+    final.json (`best` only with a validation split) and a records CSV."""
+    run = root / name
+    run.mkdir(parents=True)
+    primary = next(iter(metrics))
+    config = {"name": name, "output_dir": str(run), "seed": seed, "task": {"name": task},
+              "data": {"name": f"{task}-data", "batch_size": 8}, "student": {"model": {"name": "m"}},
+              "stages": [{"name": "main", "epochs": 2, "terms": [
+                  {"name": "hint", "method": {"name": "hint"}, "weighting": {"name": weighting}}]}]}
+    (run / "config.yaml").write_text(json.dumps(config))
+    events = [{"event": "epoch", "stage": 0, "stage_name": "main", "epoch": e, "global_step": 4 * e, "lr": 0.01,
+               "train": {"task": 1.0 / e, "total": 1.5 / e},
+               "val": {k: v * (0.9 + 0.05 * e) for k, v in metrics.items()} if val else None,
+               "time_s": 0.1, "samples_per_s": 10.0} for e in (1, 2)]
+    final = {"primary_metric": primary, "best_val": metrics[primary] if val else None,
+             "best_stage_epoch": [0, 2] if val else None, "split": "test", "last": metrics}
+    if val:
+        final["best"] = metrics
+    events.append({"event": "final", **final})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run / "final.json").write_text(json.dumps(final))
+    if records is not None:
+        write_records(run / "records" / "0-main-test.csv", records)
+    return run
+
+
+def _pad_columns(n: int, seed: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(seed)
+    d = np.exp(rng.uniform(-3.0, 1.0, n))
+    return {"hint.discrepancy": d.tolist(), "hint.weight": np.ones(n).tolist(),
+            "hint.log_var": (np.log(d) + rng.normal(0.0, 0.1, n)).tolist()}
+
+
+TASK_CASES = {
+    # task: (primary metric, metrics per (weighting, seed), the task's own record columns, validation split)
+    "classification": ("top1", lambda w, s: {"top1": 90.0 + s + (w == "pad"), "top5": 99.0, "loss": 0.3},
+                       lambda n: {"index": list(range(n)), "target": [i % 3 for i in range(n)],
+                                  "teacher_pred": [i % 3 if i % 4 else 0 for i in range(n)],
+                                  "teacher_confidence": np.linspace(0.4, 1.0, n).tolist()}, True),
+    "retrieval": ("recall@1", lambda w, s: {"recall@1": 80.0 + s + 2.0 * (w == "pad"), "nmi": 0.6},
+                  lambda n: {"index": list(range(n)), "target": [i % 3 for i in range(n)],
+                             "student_nn1": [(i + 1) % n for i in range(n)],
+                             "teacher_correct": [int(i % 5 != 0) for i in range(n)]}, False),
+    "detection": ("mAP", lambda w, s: {"mAP": 0.20 + 0.01 * s + 0.02 * (w == "pad"), "AP50": 0.4},
+                  lambda n: {"index": list(range(n)), "gt_boxes": [2.0] * n, "detections": [1.0] * n,
+                             "recall50": [0.5] * n, "precision50": [1.0] * n}, False),
+    "lm_test": ("perplexity", lambda w, s: {"perplexity": 40.0 + s - 3.0 * (w == "pad"), "loss": 3.7},
+                lambda n: {"index": list(range(n))}, True),
+}
+
+
+@pytest.mark.parametrize("task", list(TASK_CASES))
+def test_report_runs_of_every_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str):
+    """Runs of each task are reported by its primary metric and direction: PAD is better in every case (higher
+    top1, recall@1 and mAP; lower perplexity), `"val": null` epochs make a training-loss curve, and neither
+    report.md nor results.json names a path of this machine."""
+    from padkd.report import report_runs
+    from padkd.tasks import TASKS
+
+    monkeypatch.setitem(TASKS._entries, "lm_test", _Perplexity)
+    metric, scores, columns, val = TASK_CASES[task]
+    runs = [task_run(tmp_path / "runs", f"{w}-{s}", task, s, scores(w, s), w,
+                     {**columns(12), **_pad_columns(12, s)} if w == "pad" else None, val)
+            for w in ("uniform", "pad") for s in (0, 1, 2)]
+    out = tmp_path / "report"
+    text = report_runs(runs, out).read_text()
+    saved = (out / "results.json").read_text()
+    results = json.loads(saved)
+    assert results["task"] == task and results["metric"] == metric
+    assert results["higher_is_better"] is (task != "lm_test")
+    rows = {r["method"]: r for r in summarize(results)}
+    pad = rows["weighting.name=pad"]
+    assert pad["verdict"] == "better", pad
+    expected = {"top1": 1.0, "recall@1": 2.0, "mAP": 0.02, "perplexity": -3.0}[metric]
+    assert pad["diff_mean"] == pytest.approx(expected)
+    assert f"Primary metric: {metric} ({'lower' if task == 'lm_test' else 'higher'} is better)" in text
+    assert str(tmp_path) not in text and str(tmp_path) not in saved
+    assert results["runs"]["weighting.name=pad"]["0"] == "../runs/pad-0"
+    assert "all runs" not in text and "n/a %" not in text and "Wall time" not in text
+    assert (f"Validation {metric} over training" if val else "Training loss over training") in text
+    assert is_png(out / "plots" / "learning_curves.png") and is_png(out / "plots" / "sigma_vs_error.png")
+    assert "## Every test metric" in text
+    teacher_figure = task in ("classification", "retrieval")
+    assert ("](plots/sigma_by_teacher.png)" in text) is teacher_figure
+    assert ("Mean log σ²: teacher correct" in text) is teacher_figure
+
+
+def test_report_runs_refuses_runs_of_different_tasks(tmp_path: Path):
+    from padkd.report import report_runs
+
+    a = task_run(tmp_path, "a", "classification", 0, {"top1": 90.0}, "uniform")
+    b = task_run(tmp_path, "b", "detection", 1, {"mAP": 0.2}, "uniform", val=False)
+    with pytest.raises(PadkdError, match=r"different tasks .*classification \(top1\), detection \(mAP\)"):
+        report_runs([a, b], tmp_path / "r")
+    c = task_run(tmp_path, "c", "unheard_of", 0, {"x": 1.0}, "uniform")
+    with pytest.raises(PadkdError, match="task 'unheard_of', which is not registered"):
+        report_runs([c], tmp_path / "r")
+
+
+def test_a_single_setting_is_named_by_its_terms(tmp_path: Path):
+    from padkd.report import report_runs
+
+    runs = [task_run(tmp_path, f"r{s}", "classification", s, {"top1": 90.0 + s}, "pad") for s in (0, 1)]
+    results = json.loads((report_runs(runs, tmp_path / "r").parent / "results.json").read_text())
+    assert results["methods"] == ["hint (pad)"]
+
+
+def test_a_resumed_run_stays_with_its_seeds(tmp_path: Path):
+    """A resume may change how data are loaded (and the first start may have loaded them otherwise): the run
+    is still a seed of its setting, and the report lists its resume."""
+    from padkd.report import report_runs
+
+    runs = [task_run(tmp_path, f"r{s}", "classification", s, {"top1": 90.0 + s}, "uniform") for s in (0, 1)]
+    config = json.loads((runs[1] / "config.yaml").read_text())
+    config["data"]["num_workers"] = 2
+    (runs[1] / "config.yaml").write_text(json.dumps(config))
+    resume = {"event": "resume", "stage": 0, "epoch": 1, "batch": 0, "global_step": 4, "checkpoint": "last.pt",
+              "changes": {"data.num_workers": {"was": 2, "now": 0}}}
+    lines = (runs[1] / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (runs[1] / "metrics.jsonl").write_text(lines[0] + json.dumps(resume) + "\n" + "".join(lines[1:]))
+    text = report_runs(runs, tmp_path / "r").read_text()
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["methods"] == ["hint (uniform)"] and set(results["runs"]["hint (uniform)"]) == {"0", "1"}
+    assert "seed 1: resumed at stage 0 epoch 1 batch 0, changing `data.num_workers` 2 → 0." in text
+
+
+def test_a_failed_report_leaves_no_results_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from padkd.report import plots, report_runs
+
+    runs = [task_run(tmp_path, f"r{s}", "classification", s, {"top1": 90.0 + s}, "uniform") for s in (0, 1)]
+    out = tmp_path / "r"
+    out.mkdir()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "learning_curves", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        report_runs(runs, out)
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+
+
+def test_quick_reports_judge_nothing(tmp_path: Path):
+    from padkd.report.markdown import QUICK_NOTE
+
+    results = results_for({"base": {"0": 90.0, "1": 91.0, "2": 92.0}, "up": {"0": 95.0, "1": 96.5, "2": 97.0}},
+                          [0, 1, 2])
+    assert summarize(results)[1]["verdict"] == "better"
+    results |= {"quick": True, "last": results["test_top1"]}
+    rows = summarize(results)
+    assert rows[1]["verdict"] == "not judged (quick run)" and rows[1]["diff_mean"] == pytest.approx(5.1666, abs=1e-3)
+    assert format_table(rows, quick=True).startswith(QUICK_NOTE)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    text = write_report(tmp_path).read_text()
+    assert QUICK_NOTE in text and "| better |" not in text and "better (the interval" not in text
+
+
+def test_distributions_draw_points_below_the_box_threshold():
+    from matplotlib.figure import Figure
+
+    from padkd.report.plots import MIN_BOX, distributions
+
+    ax = Figure().add_subplot()
+    distributions(ax, [np.arange(2.0), np.arange(float(MIN_BOX))], ["two", "ten"])
+    assert len(ax.collections) == 2  # the two points (a scatter) and their mean bar
+    assert len(ax.lines) == 6  # one box: box, median, two whiskers, two caps
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["two\n(n=2)", f"ten\n(n={MIN_BOX})"]
+
+
+def test_per_dimension_panels_do_not_overlap():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from padkd.report.plots import per_dimension_figure
+
+    rng = np.random.default_rng(0)
+    fig = per_dimension_figure(rng.normal(size=40), np.exp(rng.normal(size=40)), rng.normal(size=200),
+                               np.exp(rng.normal(size=200)))
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    left, right = fig.axes
+    assert right.yaxis.label.get_window_extent(renderer).x0 > left.get_tightbbox(renderer).x1
+
+
+def test_setting_names_show_paths_relative_to_the_report(tmp_path: Path):
+    from padkd.report import report_runs
+
+    runs = [task_run(tmp_path / "runs", f"r{s}", "classification", s, {"top1": 90.0 + s}, "uniform") for s in (0, 1)]
+    for run, teacher in zip(runs, ("t1", "t2"), strict=True):
+        config = json.loads((run / "config.yaml").read_text())
+        config["teacher"] = {"model": {"name": "m"}, "checkpoint": str(tmp_path / teacher / "checkpoints" / "best.pt")}
+        (run / "config.yaml").write_text(json.dumps(config))
+    text = report_runs(runs, tmp_path / "runs" / "report").read_text()
+    assert json.loads((tmp_path / "runs" / "report" / "results.json").read_text())["methods"] == [
+        "teacher.checkpoint=../../t1/checkpoints/best.pt", "teacher.checkpoint=../../t2/checkpoints/best.pt"]
+    assert str(tmp_path) not in text

@@ -264,7 +264,7 @@ def _copy_recipe(name: str, dest: str) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/demo" if args.task == "classification" else f"runs/demo-{args.task}"))
-    options = {"quick": args.quick, "quiet": args.quiet, "overwrite": args.overwrite}
+    options = {"quick": args.quick, "quiet": args.quiet, "overwrite": args.overwrite, "resume": args.resume}
     if args.seeds is not None:
         options["seeds"] = args.seeds
     if args.task == "retrieval":
@@ -286,11 +286,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from padkd.report import report_runs
+    import shlex
 
-    runs = [Path(r) for r in args.runs]
-    command = "padkd report " + " ".join(args.runs) + (f" --baseline {args.baseline}" if args.baseline else "")
-    report = report_runs(runs, Path(args.out), baseline=args.baseline, command=command)
+    from padkd.report import report_runs
+    from padkd.report.runs import relative
+
+    runs, out = [Path(r) for r in args.runs], Path(args.out)
+    # The command as run from the report's folder: the report holds no path of this machine.
+    command = shlex.join(["padkd", "report", *(relative(r, out) for r in runs), "--out", "."]
+                         + (["--baseline", args.baseline] if args.baseline else []))
+    report = report_runs(runs, out, baseline=args.baseline, command=command)
     print(f"report: {report}")
     return 0
 
@@ -360,12 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
                    help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9) or "
                         "detection (synthetic shapes in the COCO format)")
-    p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval)")
+    p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval, runs/demo-detection)")
     p.add_argument("--seeds", type=int, help="paired seeds per student (default 8 for classification, 5 for "
                                               "retrieval, 1 for detection)")
     p.add_argument("--data-root", help="retrieval: run the protocol on the MNIST files under this folder")
-    p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
+    p.add_argument("--quick", action="store_true", help="a few epochs only: a smoke test whose report judges nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out: finished runs "
+                   "are reused, the interrupted one resumes from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     p.set_defaults(func=_cmd_demo)
 

@@ -27,6 +27,8 @@ class DataSplits:
     it differs from `train`. `device_transforms` maps "train"/"eval" to batched transforms that the
     engine applies after moving a batch to its device (augmentation as tensor ops, on the GPU when
     there is one). `normalization` is the per-channel (mean, std) the inputs were normalised with.
+    `tokenizer` is the text data sets' tokenizer (`padkd.data.text`; then `num_classes` is its vocabulary
+    size and `in_channels` 0), None for other data.
     """
 
     train: Dataset
@@ -38,6 +40,7 @@ class DataSplits:
     train_targets: Tensor | None = None
     eval_train: Dataset | None = None
     device_transforms: dict[str, BatchTransform] = field(default_factory=dict)
+    tokenizer: Any = None
 
     def split(self, name: str, augment: bool = False) -> Dataset:
         """A split by name; the training split without augmentation unless `augment`."""
@@ -110,4 +113,5 @@ from padkd.data import (  # noqa: E402,F401  (register the built-in datasets and
     mnist,
     retrieval,
     samplers,
+    text,
 )

@@ -1,22 +1,36 @@
 """The embedded demos of `padkd demo`, one module per task (classification, retrieval, detection): they train
-small runs end to end, on digits or on data they generate (detection: shapes in the COCO format)."""
+small runs end to end, on digits or on data they generate (detection: shapes in the COCO format), and write
+results.json and report.md through `padkd.report.write_report`.
+
+Every demo is resumable: with `resume`, a run that finished with the same config is reused, an interrupted
+one continues from its checkpoint, and the rest are trained; an interrupted demo names the command that
+continues it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from padkd.errors import PadkdError
 
 
-def fresh_output(out: Path, overwrite: bool) -> None:
-    """Refuse a demo folder that already holds files unless `overwrite` (then empty it): nothing is lost by
-    accident."""
+def fresh_output(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a demo folder that already holds files unless `overwrite` (then empty it) or `resume` (then
+    keep it: its finished runs are reused): nothing is lost by accident."""
+    if overwrite and resume:
+        raise PadkdError("--resume continues the demo in its folder and --overwrite empties it first: pass one")
+    if resume:
+        return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise PadkdError(f"'{out}' already holds files; pass --overwrite to replace it or --out another folder")
+            raise PadkdError(f"'{out}' already holds files; pass --resume to continue the demo in it, --overwrite "
+                             "to replace it, or --out another folder")
         shutil.rmtree(out)
 
 
@@ -26,3 +40,62 @@ def progress(quiet: bool) -> Callable[[str], None]:
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
     return say
+
+
+def command(task: str, out: Path | str, seeds: int | None, quick: bool, *extra: str) -> str:
+    """The `padkd demo` command line of these options (`--out` given as `out`)."""
+    parts = ["padkd", "demo", *(["--task", task] if task != "classification" else []), "--out", str(out)]
+    parts += [*(["--seeds", str(seeds)] if seeds is not None else []), *(["--quick"] if quick else []), *extra]
+    return shlex.join(parts)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the demo's tiny models on one CPU thread (restored afterwards): on a shared machine the hand-offs
+    between intra-op threads cost more than they save (docs/retrieval.md, docs/detection.md)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Runs:
+    """Trains a demo's runs quietly. With `resume`, a run that finished with this config is read back, one
+    with a checkpoint continues from it; an interruption names `resume_command`."""
+
+    def __init__(self, resume: bool, resume_command: str) -> None:
+        self.resume = resume
+        self.resume_command = resume_command
+        #: How many finished runs were read back instead of trained.
+        self.reused = 0
+
+    def train(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The run's final metrics (final.json), training what is not finished yet."""
+        from padkd.config import parse_config
+        from padkd.engine import rundir
+        from padkd.engine.trainer import Interrupted, Trainer
+        from padkd.report.runs import read_final
+
+        cfg = parse_config(raw)
+        run_dir = Path(cfg.output_dir)
+        finished = (run_dir / "final.json").is_file()
+        if self.resume and finished:
+            stages = len(cfg.stages)
+            try:
+                rundir.resume_changes(run_dir, cfg.model_dump(mode="json"), (stages, 0, 0), stages)
+            except PadkdError as err:
+                raise PadkdError(f"{err} (the demo's options differ from those this folder was trained with: "
+                                 "resume with the same --seeds and --quick, or pass --overwrite)") from None
+            self.reused += 1
+            return read_final(run_dir / "final.json")
+        holds_checkpoint = any((run_dir / "checkpoints" / n).is_file() for n in ("last.pt", "best.pt"))
+        try:
+            return Trainer(cfg, resume=self.resume and holds_checkpoint, quiet=True).run().final
+        except Interrupted:
+            saved = run_dir / "checkpoints" / "last.pt"
+            raise Interrupted(f"interrupted in run {run_dir}; checkpoint saved to {saved}; continue the demo with: "
+                              f"{self.resume_command}") from None

@@ -15,14 +15,11 @@ embedding and weight 1 it did not, which left PAD nothing to refine. Writes resu
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from padkd.config import parse_config
-from padkd.demos import fresh_output, progress
-from padkd.engine.trainer import Trainer
+from padkd.demos import Runs, command, fresh_output, progress
 from padkd.errors import PadkdError
 
 TEACHER = {"name": "cnn", "widths": [32, 64, 128]}
@@ -91,43 +88,45 @@ def student_config(method: str, seed: int, out: Path, quick: bool) -> dict[str, 
     return cfg
 
 
-def _train(raw: dict[str, Any]) -> dict[str, Any]:
-    """Train one run quietly (the demo prints one line per run instead); its final metrics."""
-    return Trainer(parse_config(raw), quiet=True).run().final
+def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False, overwrite: bool = False,
+             resume: bool = False) -> dict[str, Any]:
+    """Train the teacher and every student over `seeds` paired seeds; write results.json and the report.
+    `resume`: reuse the finished runs in `out` and continue the interrupted one."""
+    from padkd.report import format_table, summarize, write_report
 
-
-def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False, overwrite: bool = False) -> dict:
-    """Train the teacher and every student over `seeds` paired seeds; write results.json and the report."""
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    fresh_output(out, overwrite)
+    out = Path(out)
+    fresh_output(out, overwrite, resume)
     start = time.perf_counter()
     say = progress(quiet)
+    shown_seeds = seeds if seeds != 8 else None
+    runs = Runs(resume, command("classification", out, shown_seeds, quick, "--resume"))
 
     say(f"[demo] training the teacher {TEACHER['widths']} on digits")
-    teacher_final = _train(teacher_config(out, quick))
+    teacher_final = runs.train(teacher_config(out, quick))
     results: dict[str, Any] = {
-        "dataset": "digits", "methods": list(TERMS), "labels": LABELS, "baseline": "l2", "pad": "pad_l2",
-        "pad_term": "hint", "seeds": list(range(seeds)), "runs": {m: {} for m in TERMS}, "teacher_run": "teacher",
-        "test_top1": {m: {} for m in TERMS}, "best_test_top1": {m: {} for m in TERMS},
-        "teacher_test_top1": teacher_final["last"]["top1"], "epochs": schedule(quick),
-        "student": STUDENT, "teacher": TEACHER,
+        "dataset": "digits", "task": "classification", "metric": "top1", "higher_is_better": True,
+        "methods": list(TERMS), "labels": LABELS, "baseline": "l2", "pad": "pad_l2", "pad_term": "hint",
+        "seeds": list(range(seeds)), "runs": {m: {} for m in TERMS}, "teacher_run": "teacher",
+        "last": {m: {} for m in TERMS}, "best": {m: {} for m in TERMS}, "metrics": {m: {} for m in TERMS},
+        "metric_names": ["top1", "top5", "loss"], "teacher_metrics": teacher_final["last"],
+        "epochs": schedule(quick), "student": STUDENT, "teacher": TEACHER, "quick": quick,
     }
     for seed in range(seeds):
         for method in TERMS:
             t0 = time.perf_counter()
-            final = _train(student_config(method, seed, out, quick))
+            final = runs.train(student_config(method, seed, out, quick))
             results["runs"][method][str(seed)] = f"seed{seed}/{method}"
-            results["test_top1"][method][str(seed)] = final["last"]["top1"]
-            results["best_test_top1"][method][str(seed)] = final["best"]["top1"]
+            results["last"][method][str(seed)] = final["last"]["top1"]
+            results["best"][method][str(seed)] = final["best"]["top1"]
+            results["metrics"][method][str(seed)] = final["last"]
             say(f"[demo] seed {seed} {method:8s} test top-1 {final['last']['top1']:.2f} "
                 f"({time.perf_counter() - t0:.1f}s)")
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["command"] = "padkd demo" + (f" --seeds {seeds}" if seeds != 8 else "") + (" --quick" if quick else "")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    from padkd.report import format_table, summarize, write_report
-
-    report = write_report(out)
-    print(format_table(summarize(results)))
+    results["reused_runs"] = runs.reused
+    results["command"] = command("classification", ".", shown_seeds, quick)
+    report = write_report(out, results)
+    print(format_table(summarize(results), quick))
     print(f"\nreport: {report}  ({results['seconds']:.0f}s)")
     return results

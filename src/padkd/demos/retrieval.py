@@ -4,7 +4,8 @@ The RKD protocol in miniature: every model trains on digits 0–4 with a triplet
 negatives, P×K batches) and is tested by retrieval among the unseen digits 5–9 (Recall@K, NMI). One
 teacher, then for each paired seed one student per method; students differ only in their distillation
 term (the same data order, schedule and task loss). `data_root` runs the same protocol on MNIST.
-Writes results.json, report.md (Recall@K table with paired 95% intervals) and neighbours.png.
+Writes results.json, report.md (Recall@K, MAP@R and NMI with paired 95% intervals, learning curves, what
+PAD's variance shows) and neighbours.png.
 
 Methods are entries of `RECIPES` (a label and the terms of the single stage); add one to compare it.
 """
@@ -12,7 +13,6 @@ Methods are entries of `RECIPES` (a label and the terms of the single stage); ad
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +22,9 @@ import torch
 
 from padkd.assemble import make_data, make_model, make_task
 from padkd.config import Component, ModelRef, parse_config
-from padkd.demos import fresh_output, progress
-from padkd.engine.trainer import Trainer
+from padkd.demos import Runs, command, fresh_output, progress, single_thread
 from padkd.errors import PadkdError
 from padkd.methods import METHODS
-from padkd.report.markdown import interval, mean_pm_std, signed
-from padkd.report.stats import mean_std, paired_ci, verdict
 from padkd.tasks.retrieval import nearest_neighbours
 
 TEACHER = {"name": "cnn_embedding", "widths": [32, 64, 128], "embedding_dim": 64}
@@ -59,7 +56,7 @@ RECIPES: dict[str, tuple[str, list[dict[str, Any]]]] = {
 }
 DEFAULT_METHODS = ("none", "rkd", "pad_rkd")
 KS = (1, 2, 4, 8)
-METRICS = tuple(f"recall@{k}" for k in KS) + ("nmi",)
+METRICS = tuple(f"recall@{k}" for k in KS) + ("map@r", "nmi")
 N_QUERIES, N_SHOWN = 4, 5
 
 
@@ -97,39 +94,10 @@ def _config(name: str, out_dir: Path, model: dict[str, Any], seed: int, quick: b
     return cfg
 
 
-def _train(raw: dict[str, Any]) -> dict[str, float]:
-    return Trainer(parse_config(raw), quiet=True).run().final["last"]
-
-
 def comparisons(methods: Sequence[str]) -> list[tuple[str, str]]:
     """(method, baseline) pairs the report judges: every method against "none", PAD-X against X."""
     pairs = [(m, "none") for m in methods if m != "none" and "none" in methods]
     return pairs + [(m, m[4:]) for m in methods if m.startswith("pad_") and m[4:] in methods]
-
-
-def summary_tables(results: dict[str, Any]) -> str:
-    """Markdown: each method's metrics (mean ± std over seeds), then the paired differences with 95% t intervals."""
-
-    seeds = [str(s) for s in results["seeds"]]
-    scores = results["metrics"]
-    teacher = results["teacher"]
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|",
-             "| teacher | " + " | ".join(f"{teacher[m]:.2f}" for m in METRICS) + " |"]
-    for method in results["methods"]:
-        cells = [mean_pm_std(*mean_std([scores[method][s][m] for s in seeds])) for m in METRICS]
-        lines.append(f"| {results['labels'][method]} | " + " | ".join(cells) + " |")
-    lines += ["", f"Paired differences over {len(seeds)} seed(s) (95% t interval; verdict on recall@1):", "",
-              "| comparison | " + " | ".join(f"Δ {m}" for m in METRICS) + " | verdict |",
-              "|---" * (len(METRICS) + 2) + "|"]
-    for method, base in comparisons(results["methods"]):
-        cells, judged = [], ""
-        for m in METRICS:
-            diff, low, high = paired_ci([scores[method][s][m] for s in seeds], [scores[base][s][m] for s in seeds])
-            cells.append(f"{signed(diff)} {interval(low, high)}")
-            judged = judged or verdict(low, high)
-        lines.append(f"| {results['labels'][method]} − {results['labels'][base]} | " + " | ".join(cells)
-                     + f" | {judged} |")
-    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -141,25 +109,42 @@ def _test_embeddings(run_dir: Path, model: dict[str, Any], data: Any, task: Any)
     return torch.cat([net(images) for images, _, _ in loader])
 
 
-def neighbours_figure(out: Path, results: dict[str, Any], data_root: str | None) -> Path:
-    """A few test queries (left) and their nearest neighbours for the teacher and seed 0 of every method;
-    a green frame marks a neighbour of the query's class, a red one another class."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _precision(found: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`[N]`: the share of each query's shown neighbours that are of its class."""
+    return (labels[found] == labels[:, None]).float().mean(1)
+
+
+def pick_queries(found: dict[str, torch.Tensor], labels: torch.Tensor, n: int) -> list[int]:
+    """`n` test queries on which the models differ most: the largest spread across models of the share of
+    shown neighbours of the query's class (ties: the lower mean share, then a seeded order), so the figure
+    shows where methods disagree rather than easy queries every model gets right."""
+    shares = torch.stack([_precision(f, labels) for f in found.values()])  # [models, N]
+    spread, mean = shares.std(0, unbiased=False), shares.mean(0)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    ranked = sorted(order.tolist(), key=lambda q: (-float(spread[q]), float(mean[q])))
+    return ranked[:n]
+
+
+def neighbours_figure(out: Path, results: dict[str, Any], data_root: str | None) -> dict[str, str]:
+    """Test queries where the models differ (left) and their nearest neighbours for the teacher and seed 0
+    of every method; a green frame marks a neighbour of the query's class, a red one another class. Returns
+    the report's figure entry (path relative to the report)."""
     from matplotlib.figure import Figure
 
+    from padkd.report.plots import save
 
     cfg = parse_config(_config("figure", out / "unused", STUDENT, 0, True, data_root, [], None))
     data, task = make_data(cfg), make_task(cfg.task)
     images, labels = data.test.images, data.test.labels  # type: ignore[attr-defined]
     (mean,), (std,) = data.normalization
-    queries = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:N_QUERIES]
     models = [("teacher", out / "teacher", TEACHER)] + [
         (results["labels"][m], out / "seed0" / m, STUDENT) for m in results["methods"]]
     found = {name: nearest_neighbours(_test_embeddings(run, model, data, task), N_SHOWN)
              for name, run, model in models}
+    queries = pick_queries(found, torch.as_tensor(labels), N_QUERIES)
     fig = Figure(figsize=(0.9 * (N_SHOWN + 1) + 1.2, 0.9 * N_QUERIES * len(models)))
     axes = fig.subplots(N_QUERIES * len(models), N_SHOWN + 1, squeeze=False)
-    for qi, q in enumerate(queries.tolist()):
+    for qi, q in enumerate(queries):
         for mi, (name, _, _) in enumerate(models):
             row = axes[qi * len(models) + mi]
             shown = [q] + found[name][q].tolist()
@@ -175,29 +160,29 @@ def neighbours_figure(out: Path, results: dict[str, Any], data_root: str | None)
     axes[0][0].set_title("query", fontsize=8)
     for col in range(1, N_SHOWN + 1):
         axes[0][col].set_title(f"#{col}", fontsize=8)
-    path = out / "neighbours.png"
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    save(fig, out / "neighbours.png", dpi=100)
+    return {"title": "Nearest neighbours", "path": "neighbours.png", "caption": (
+        f"The {N_QUERIES} test queries (left, black frame) on which the models differ most in how many of their "
+        f"{N_SHOWN} nearest test neighbours share the query's class, with those neighbours for the teacher and "
+        "seed 0 of every student; green: the query's class, red: another class. Chosen for disagreement, "
+        "these queries are harder than typical ones: the tables above give the rates.")}
 
 
 def run_retrieval_demo(out: Path, seeds: int = 5, quick: bool = False, quiet: bool = False, overwrite: bool = False,
-                       data_root: str | None = None, methods: Sequence[str] = DEFAULT_METHODS) -> dict[str, Any]:
+                       data_root: str | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+                       resume: bool = False) -> dict[str, Any]:
     """Train the teacher and one student per method and seed; write results.json, report.md, neighbours.png.
+    `resume`: reuse the finished runs in `out` and continue the interrupted one.
 
-    Runs on one CPU thread (restored afterwards): the models are tiny, and on a shared machine the
-    hand-offs between intra-op threads cost far more than they save (one quick student run: 1.5 s on
-    one thread, 23 s on two, measured while other jobs loaded the machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(Path(out), seeds, quick, quiet, overwrite, data_root, methods)
-    finally:
-        torch.set_num_threads(threads)
+    Runs on one CPU thread (`padkd.demos.single_thread`): one quick student run took 1.5 s on one thread
+    and 23 s on two, measured while other jobs loaded the machine."""
+    with single_thread():
+        return _run(Path(out), seeds, quick, quiet, overwrite, data_root, methods, resume)
 
 
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_root: str | None,
-         methods: Sequence[str]) -> dict[str, Any]:
+         methods: Sequence[str], resume: bool) -> dict[str, Any]:
+    from padkd.report import format_table, summarize, write_report
 
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
@@ -208,39 +193,46 @@ def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_
     if missing:
         raise PadkdError(f"retrieval demo: method '{missing[0]}' is not registered in this install; pass "
                          f"methods without it (e.g. none, l2, pad_l2)")
-    fresh_output(out, overwrite)
+    fresh_output(out, overwrite, resume)
     start = time.perf_counter()
     say = progress(quiet)
+    extra = ["--data-root", data_root] if data_root else []
+    shown_seeds = seeds if seeds != 5 else None
+    runs = Runs(resume, command("retrieval", out, shown_seeds, quick, *extra, "--resume"))
 
     dataset = "mnist_retrieval" if data_root else "digits_retrieval"
     say(f"[retrieval demo] teacher {TEACHER['widths']}-{TEACHER['embedding_dim']} on {dataset}")
-    teacher = _train(_config("retrieval-teacher", out / "teacher", TEACHER, 0, quick, data_root, [], None,
-                             lr=TEACHER_LR))
+    teacher = runs.train(_config("retrieval-teacher", out / "teacher", TEACHER, 0, quick, data_root, [], None,
+                                 lr=TEACHER_LR))
+    pads = [m for m in methods if m.startswith("pad_")]
     results: dict[str, Any] = {
-        "dataset": dataset, "methods": list(methods), "labels": {m: RECIPES[m][0] for m in methods},
-        "seeds": list(range(seeds)), "teacher": teacher, "metrics": {m: {} for m in methods},
-        "epochs": epochs(quick, data_root), "teacher_model": TEACHER, "student_model": STUDENT,
+        "dataset": dataset, "task": "retrieval", "metric": "recall@1", "higher_is_better": True,
+        "methods": list(methods), "labels": {m: RECIPES[m][0] for m in methods},
+        "baseline": "none" if "none" in methods else methods[0], "comparisons": comparisons(methods),
+        "pad": pads[0] if pads else None, "seeds": list(range(seeds)), "runs": {m: {} for m in methods},
+        "last": {m: {} for m in methods}, "best": {m: {} for m in methods}, "metrics": {m: {} for m in methods},
+        "metric_names": list(METRICS), "teacher_run": "teacher", "teacher_metrics": teacher["last"],
+        "epochs": epochs(quick, data_root), "teacher_model": TEACHER, "student_model": STUDENT, "quick": quick,
+        "notes": ["Models train on digits 0–4 and retrieve among the unseen digits 5–9 (test split); metrics in "
+                  "percent except NMI."],
     }
     for seed in range(seeds):
         for method in methods:
             t0 = time.perf_counter()
             terms = RECIPES[method][1]
-            final = _train(_config(f"retrieval-{method}-seed{seed}", out / f"seed{seed}" / method, STUDENT, seed,
-                                   quick, data_root, terms, out / "teacher" if terms else None))
-            results["metrics"][method][str(seed)] = final
-            say(f"[retrieval demo] seed {seed} {method:14s} recall@1 {final['recall@1']:.2f} "
+            final = runs.train(_config(f"retrieval-{method}-seed{seed}", out / f"seed{seed}" / method, STUDENT,
+                                       seed, quick, data_root, terms, out / "teacher" if terms else None))
+            results["runs"][method][str(seed)] = f"seed{seed}/{method}"
+            results["metrics"][method][str(seed)] = final["last"]
+            results["last"][method][str(seed)] = final["last"]["recall@1"]
+            results["best"][method][str(seed)] = (final.get("best") or {}).get("recall@1")
+            say(f"[retrieval demo] seed {seed} {method:14s} recall@1 {final['last']['recall@1']:.2f} "
                 f"({time.perf_counter() - t0:.1f}s)")
-    figure = neighbours_figure(out, results, data_root)
+    results["figures"] = [neighbours_figure(out, results, data_root)]
     results["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    tables = summary_tables(results)
-    report = out / "report.md"
-    report.write_text(f"# Retrieval demo: {dataset}, train on digits 0–4, retrieve among 5–9\n\n"
-                      f"{len(results['seeds'])} paired seed(s), {results['epochs']} epochs per model, "
-                      f"{results['seconds']:.0f}s. Recall@K in percent on the test split (last epoch).\n\n"
-                      f"{tables}\n\n## Nearest neighbours\n\n![neighbours]({figure.name})\n\n"
-                      "Each query (left, black frame) with its nearest test neighbours for the teacher and seed 0 "
-                      "of every student; green: the query's class, red: another class.\n")
-    print(tables)
+    results["reused_runs"] = runs.reused
+    results["command"] = command("retrieval", ".", shown_seeds, quick, *extra)
+    report = write_report(out, results)
+    print(format_table(summarize(results), quick))
     print(f"\nreport: {report}  ({results['seconds']:.0f}s)")
     return results

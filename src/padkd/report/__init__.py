@@ -26,8 +26,9 @@ from padkd.engine.records import read_csv, read_header
 from padkd.errors import PadkdError
 from padkd.report import plots
 from padkd.report.markdown import Figure, VarianceSummary, format_table, render
+from padkd.report.runs import relative as _rel
 from padkd.report.runs import results_from_runs
-from padkd.report.stats import mean_std, paired_ci, spearman, verdict
+from padkd.report.stats import QUICK, digits_for, mean_std, paired_ci, spearman, verdict
 
 __all__ = ["format_table", "report_runs", "results_from_runs", "summarize", "write_report"]
 
@@ -37,7 +38,7 @@ IMAGE_DATASETS = ("digits",)
 #: Records splits in the order the report prefers them.
 SPLITS = ("test", "val", "train")
 _RECORDS = re.compile(r"^(\d+)-(.+)-(test|val|train)\.csv$")
-_TITLES = {"learning_curves": "Validation top-1 over training", "sigma_vs_error": "Learned σ² vs discrepancy",
+_TITLES = {"sigma_vs_error": "Learned σ² vs discrepancy",
            "sigma_by_teacher": "Learned σ² and the teacher", "prime_images": "Most and least prime test images",
            "sigma_per_dimension": "Learned σ² per feature dimension", "factor": "Effect against the setting"}
 VARIANCE_FIGURES = ("sigma_vs_error", "sigma_by_teacher", "sigma_per_dimension", "prime_images")
@@ -49,16 +50,18 @@ class _Skipped(Exception):
 
 @dataclass(frozen=True)
 class PadRecords:
-    """Per-sample test records of one PAD term."""
+    """Per-sample test records of one PAD term; the teacher's columns where the task records them
+    (classification: prediction and confidence; retrieval: whether its nearest neighbour shares the class)."""
 
     path: Path
     index: np.ndarray
-    target: np.ndarray
-    teacher_pred: np.ndarray
-    teacher_confidence: np.ndarray
     discrepancy: np.ndarray
     log_var: np.ndarray
     split: str = "test"
+    target: np.ndarray | None = None
+    teacher_pred: np.ndarray | None = None
+    teacher_confidence: np.ndarray | None = None
+    teacher_correct: np.ndarray | None = None
     #: Per feature dimension (from the elements CSV, when the term has one): mean d, mean log σ².
     dim_discrepancy: np.ndarray | None = None
     dim_log_var: np.ndarray | None = None
@@ -67,27 +70,49 @@ class PadRecords:
     def sigma2(self) -> np.ndarray:
         return np.exp(self.log_var)
 
-    @property
-    def teacher_correct(self) -> np.ndarray:
-        return self.teacher_pred == self.target
-
 
 def _per_seed(table: dict[str, Any], seeds: list[str]) -> dict[str, float]:
     """A method's value per seed, in the demo's seed order, for the seeds that have one."""
     return {s: float(table[s]) for s in seeds if table.get(s) is not None}
 
 
+#: results.json keys of reports written before the primary metric was generic (the study still writes them).
+_LEGACY = {"test_top1": "last", "best_test_top1": "best"}
+
+
+def normalised(results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with the primary-metric keys every report reads: `metric`, `higher_is_better`, `last`,
+    `best` (method → seed → value) and `teacher_metrics`; results in the older top-1 layout are mapped."""
+    out = dict(results)
+    for old, new in _LEGACY.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    if "teacher_test_top1" in out:
+        top1 = out.pop("teacher_test_top1")
+        out.setdefault("teacher_metrics", None if top1 is None else {"top1": top1})
+    out.setdefault("metric", "top1")
+    out.setdefault("higher_is_better", True)
+    missing = [k for k in ("methods", "seeds", "last") if k not in out]
+    if missing:
+        raise PadkdError(f"results.json lacks {', '.join(missing)}: it was not written by `padkd demo` or "
+                         "`padkd report`; run one of them again")
+    return out
+
+
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per method: test top-1 over seeds (last epoch and best-val checkpoint) and the paired
-    difference of the last-epoch top-1 to the baseline with its 95% t interval and verdict."""
+    """One row per method: the test primary metric over seeds (last epoch and best-val checkpoint) and the
+    paired difference of the last-epoch value to the baseline with its 95% t interval and verdict (better
+    means higher, or lower where the task's metric is lower-is-better). Quick runs get no verdict."""
+    results = normalised(results)
     seeds = [str(s) for s in results["seeds"]]
     labels = results.get("labels", {})
     baseline = results.get("baseline")
-    base = _per_seed(results["test_top1"].get(baseline, {}), seeds)
+    higher = results["higher_is_better"]
+    base = _per_seed(results["last"].get(baseline, {}), seeds)
     rows = []
     for method in results["methods"]:
-        last = _per_seed(results["test_top1"].get(method, {}), seeds)
-        best = _per_seed(results.get("best_test_top1", {}).get(method, {}), seeds)
+        last = _per_seed(results["last"].get(method, {}), seeds)
+        best = _per_seed(results.get("best", {}).get(method, {}), seeds)
         mean, std = mean_std(list(last.values())) if last else (None, None)
         best_mean, best_std = mean_std(list(best.values())) if best else (None, None)
         pairs = [s for s in last if s in base]
@@ -98,21 +123,23 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             judged = "baseline"
         elif pairs:
             diff, low, high = paired_ci([last[s] for s in pairs], [base[s] for s in pairs])
-            judged = verdict(low, high)
+            judged = QUICK if results.get("quick") else verdict(low, high, higher)
         else:
             judged = "n/a"
         rows.append({"method": method, "label": labels.get(method, method), "seeds": list(last),
                      "values": list(last.values()), "mean": mean, "std": std, "n": len(last),
                      "best_seeds": list(best), "best_values": list(best.values()), "best_mean": best_mean,
                      "best_std": best_std, "n_pairs": len(pairs) if method != baseline else 0,
-                     "diff_mean": diff, "ci_low": low, "ci_high": high, "verdict": judged})
+                     "diff_mean": diff, "ci_low": low, "ci_high": high, "verdict": judged,
+                     "metric": results["metric"], "digits": digits_for(results["last"])})
     return rows
 
 
-def _curve(events: list[dict[str, Any]]) -> tuple[dict[int, float], list[int]]:
-    """Validation top-1 by global epoch (epochs counted across stages) and the epochs where stages end."""
-    epochs = sorted((e["stage"], e["epoch"], float(e["val"]["top1"])) for e in events
-                    if e["event"] == "epoch" and isinstance((e.get("val") or {}).get("top1"), int | float))
+def _curve(events: list[dict[str, Any]], metric: str, part: str = "val") -> tuple[dict[int, float], list[int]]:
+    """`events`' `part` (val, or train) `metric` by global epoch (epochs counted across stages), and the
+    epochs where stages end. An epoch without the value (`"val": null`: no validation split) is left out."""
+    epochs = sorted((e["stage"], e["epoch"], float(e[part][metric])) for e in events
+                    if e["event"] == "epoch" and isinstance((e.get(part) or {}).get(metric), int | float))
     lengths: dict[int, int] = {}
     for stage, epoch, _ in epochs:
         lengths[stage] = max(lengths.get(stage, 0), epoch)
@@ -125,37 +152,36 @@ def _curve(events: list[dict[str, Any]]) -> tuple[dict[int, float], list[int]]:
 
 
 def _learning_curves(results: dict[str, Any], out_dir: Path, plot_dir: Path) -> Figure:
-    title = _TITLES["learning_curves"]
+    """The validation primary metric over training; the training loss where no run has a validation split."""
+    metric = results["metric"]
+    events = {(m, s): read_metrics(out_dir / run) for m in results["methods"] for s in results["seeds"]
+              if (run := results.get("runs", {}).get(m, {}).get(str(s))) is not None}
+    part, key = "val", metric
+    if not any(_curve(e, metric)[0] for e in events.values()):
+        part, key = "train", "total"
     curves: dict[str, dict[int, list[float]]] = {}
     boundaries: set[int] = set()
-    for method in results["methods"]:
-        for seed in results["seeds"]:
-            run = results.get("runs", {}).get(method, {}).get(str(seed))
-            if run is None:
-                continue
-            curve, ends = _curve(read_metrics(out_dir / run))
-            boundaries.update(ends)
-            for epoch, value in curve.items():
-                curves.setdefault(method, {}).setdefault(epoch, []).append(value)
+    for (method, _), run_events in events.items():
+        curve, ends = _curve(run_events, key, part)
+        boundaries.update(ends)
+        for epoch, value in curve.items():
+            curves.setdefault(method, {}).setdefault(epoch, []).append(value)
+    title = f"Validation {metric} over training" if part == "val" else "Training loss over training"
     if not curves:
-        return Figure(title, "", note="no run directory holds epoch events in metrics.jsonl.")
+        return Figure(title, "", note=f"no run's metrics.jsonl holds epoch events with a validation {metric} or a "
+                                      "training loss.")
     teacher_run = results.get("teacher_run")
-    teacher_curve = _curve(read_metrics(out_dir / teacher_run))[0] if teacher_run else {}
-    teacher_top1 = teacher_curve[max(teacher_curve)] if teacher_curve else None
+    teacher_curve = _curve(read_metrics(out_dir / teacher_run), key, part)[0] if teacher_run else {}
+    teacher_value = teacher_curve[max(teacher_curve)] if teacher_curve else None
     path = plot_dir / "learning_curves.png"
-    plots.learning_curves(curves, results.get("labels", {}), sorted(boundaries), path, teacher_top1)
+    ylabel = f"validation {metric}" if part == "val" else "training loss (all terms)"
+    plots.learning_curves(curves, results.get("labels", {}), sorted(boundaries), path, teacher_value, ylabel=ylabel)
     caption = ("Mean over seeds with a ±1 std band; epochs are counted across stages and dashed lines mark where "
-               "a stage ends." + (" The dotted line is the teacher's validation top-1 after its last epoch."
-                                  if teacher_top1 is not None else ""))
-    return Figure(title, caption, path.relative_to(out_dir).as_posix())
-
-
-def _rel(path: Path, out_dir: Path) -> str:
-    """`path` relative to the report's folder when it lies inside it, else as it is."""
-    try:
-        return path.relative_to(out_dir).as_posix()
-    except ValueError:
-        return path.as_posix()
+               "a stage ends." + (f" The dotted line is the teacher's {ylabel} after its last epoch."
+                                  if teacher_value is not None else "")
+               + ("" if part == "val" else " The runs have no validation split, so the curve is the training "
+                  "loss (the sum of the task loss and the weighted terms), not a metric."))
+    return Figure(title, caption, _rel(path, out_dir))
 
 
 def _records_in(run_dir: Path, term: str | None) -> tuple[Path, str] | None:
@@ -197,14 +223,14 @@ def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
     path, term = found
     results["pad_term"] = term
     table = read_csv(path)
-    needed = ["index", "target", "teacher_pred", "teacher_confidence", f"{term}.discrepancy", f"{term}.log_var"]
+    needed = ["index", f"{term}.discrepancy", f"{term}.log_var"]
     missing = [c for c in needed if c not in table]
     if missing:
         raise _Skipped(f"{_rel(path, out_dir)} lacks the column(s) {', '.join(missing)}.")
     if not table["index"]:
         raise _Skipped(f"{_rel(path, out_dir)} holds no samples.")
-    for column in ("index", "target", "teacher_pred"):
-        values = np.asarray(table[column])
+    for column in ("index", "target", "teacher_pred", "teacher_correct"):
+        values = np.asarray(table.get(column, []))
         if not (np.isfinite(values).all() and (values == np.round(values)).all()):
             raise _Skipped(f"{_rel(path, out_dir)}: column `{column}` holds values that are not whole numbers.")
     split = _RECORDS.match(path.name).group(3)  # type: ignore[union-attr]
@@ -214,10 +240,17 @@ def _pad_records(results: dict[str, Any], out_dir: Path) -> PadRecords:
         per_dim = read_csv(dims)
         if "log_var" in per_dim:
             dim_d, dim_v = np.asarray(per_dim["discrepancy"]), np.asarray(per_dim["log_var"])
-    return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table["target"], dtype=int),
-                      np.asarray(table["teacher_pred"], dtype=int), np.asarray(table["teacher_confidence"]),
-                      np.asarray(table[f"{term}.discrepancy"]), np.asarray(table[f"{term}.log_var"]), split,
-                      dim_d, dim_v)
+
+    def column(name: str, dtype: type = float) -> np.ndarray | None:
+        return np.asarray(table[name], dtype=dtype) if name in table else None
+
+    target, teacher_pred = column("target", int), column("teacher_pred", int)
+    correct = column("teacher_correct", int)
+    if correct is None and target is not None and teacher_pred is not None:
+        correct = (teacher_pred == target).astype(int)
+    return PadRecords(path, np.asarray(table["index"], dtype=int), np.asarray(table[f"{term}.discrepancy"]),
+                      np.asarray(table[f"{term}.log_var"]), split, target, teacher_pred,
+                      column("teacher_confidence"), None if correct is None else correct.astype(bool), dim_d, dim_v)
 
 
 def _spread(x: np.ndarray) -> float:
@@ -228,20 +261,22 @@ def _spread(x: np.ndarray) -> float:
 
 def _variance_summary(records: PadRecords, out_dir: Path, term: str) -> VarianceSummary:
     correct = records.teacher_correct
-    groups = [records.log_var[correct], records.log_var[~correct]]
-    means = [float(g.mean()) if g.size else None for g in groups]
+    groups = [records.log_var[correct], records.log_var[~correct]] if correct is not None else []
+    means = [float(g.mean()) if g.size else None for g in groups] or [None, None]
     dims = records.dim_log_var is not None and records.dim_discrepancy is not None
+    confidence = records.teacher_confidence
     return VarianceSummary(
         source=_rel(records.path, out_dir), term=term, n=len(records.index),
         rho_discrepancy=spearman(records.sigma2, records.discrepancy),
-        rho_confidence=spearman(records.sigma2, records.teacher_confidence),
-        mean_log_var_correct=means[0], n_correct=int(groups[0].size),
-        mean_log_var_wrong=means[1], n_wrong=int(groups[1].size), split=records.split,
+        rho_confidence=spearman(records.sigma2, confidence) if confidence is not None else math.nan,
+        mean_log_var_correct=means[0], n_correct=int(groups[0].size) if groups else 0,
+        mean_log_var_wrong=means[1], n_wrong=int(groups[1].size) if groups else 0, split=records.split,
         sd_log_d=_spread(records.discrepancy), sd_log_var=float(np.std(records.log_var)),
         n_dims=len(records.dim_log_var) if dims else 0,  # type: ignore[arg-type]
         sd_log_d_dims=_spread(records.dim_discrepancy) if dims else math.nan,  # type: ignore[arg-type]
         sd_log_var_dims=float(np.std(records.dim_log_var)) if dims else math.nan,
-        rho_dims=spearman(records.dim_log_var, records.dim_discrepancy) if dims else math.nan)  # type: ignore[arg-type]
+        rho_dims=spearman(records.dim_log_var, records.dim_discrepancy) if dims else math.nan,  # type: ignore[arg-type]
+        teacher=correct is not None)
 
 
 def _data_options(run_dir: Path, dataset: str) -> dict[str, Any]:
@@ -272,6 +307,8 @@ def _prime_images(results: dict[str, Any], out_dir: Path, records: PadRecords, p
     if dataset not in IMAGE_DATASETS:
         raise _Skipped(f"test images are drawn only for {', '.join(IMAGE_DATASETS)} (bundled, no download); "
                        f"this demo used '{dataset}'.")
+    if records.target is None or records.teacher_pred is None:
+        raise _Skipped("the records hold no `target` and `teacher_pred` columns to caption the images with.")
     run_dir = records.path.parent.parent
     try:
         data = DATASETS.create(dataset, _data_options(run_dir, dataset), "data")
@@ -307,15 +344,21 @@ def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, re
     path = plot_dir / "sigma_vs_error.png"
     plots.sigma_vs_error(records.sigma2, records.discrepancy, records.teacher_correct, variance.rho_discrepancy,
                          path)
+    colour = (" Colour: whether the teacher is right on the sample (classification: its prediction; retrieval: "
+              "its nearest neighbour's class)." if records.teacher_correct is not None else "")
     figures = {"sigma_vs_error": Figure(_TITLES["sigma_vs_error"], (
         f"Each point is a {records.split} sample (log-log axes); the dashed line σ² = d is where PAD's loss is "
-        "minimal for that sample. Colour: whether the teacher classifies the sample correctly."),
-        _rel(path, out_dir))}
-    path = plot_dir / "sigma_by_teacher.png"
-    plots.sigma_by_teacher(records.log_var, records.teacher_confidence, records.teacher_correct, path)
-    figures["sigma_by_teacher"] = Figure(_TITLES["sigma_by_teacher"], (
-        f"Left: log σ² of {records.split} samples the teacher gets right vs wrong. Right: log σ² against the "
-        "teacher's confidence."), _rel(path, out_dir))
+        f"minimal for that sample.{colour}"), _rel(path, out_dir))}
+    if records.teacher_correct is None and records.teacher_confidence is None:
+        figures["sigma_by_teacher"] = Figure(_TITLES["sigma_by_teacher"], "", note=(
+            "the task's records hold no teacher correctness or confidence per sample."))
+    else:
+        path = plot_dir / "sigma_by_teacher.png"
+        plots.sigma_by_teacher(records.log_var, records.teacher_confidence, records.teacher_correct, path)
+        figures["sigma_by_teacher"] = Figure(_TITLES["sigma_by_teacher"], (
+            f"log σ² of {records.split} samples the teacher gets right vs wrong (a box where a group has at least "
+            f"{plots.MIN_BOX} samples, else every sample as a point), and against the teacher's confidence where "
+            "the task records it."), _rel(path, out_dir))
     if records.dim_log_var is not None and records.dim_discrepancy is not None:
         path = plot_dir / "sigma_per_dimension.png"
         plots.sigma_per_dimension(records.dim_log_var, records.dim_discrepancy, records.log_var,
@@ -325,7 +368,8 @@ def _variance_figures(results: dict[str, Any], out_dir: Path, plot_dir: Path, re
             "that dimension (dashed: σ² = d). Right: how far log σ² spreads across dimensions (each averaged "
             "over samples) and across samples (each averaged over dimensions), beside the spread of log d. A "
             "wide spread across dimensions and a narrow one across samples means per-element PAD acts mainly "
-            "as a learned per-dimension weighting (a diagonal Mahalanobis L2)."), _rel(path, out_dir))
+            "as a learned per-dimension weighting (a diagonal Mahalanobis L2). Spreads over fewer than "
+            f"{plots.MIN_BOX} values are drawn as points, not boxes."), _rel(path, out_dir))
     else:
         figures["sigma_per_dimension"] = Figure(_TITLES["sigma_per_dimension"], "", note=(
             "no per-element records (per-sample PAD, or a method whose elements are not fixed dimensions)."))
@@ -353,21 +397,40 @@ def _factor_figure(results: dict[str, Any], rows: list[dict[str, Any]], out_dir:
     baseline_value = values.get(results.get("baseline"))
     plots.effect_vs_factor([str(p[0]) for p in points], [p[1] for p in points], [p[2] for p in points],
                            [p[3] for p in points], path, xlabel=factor["key"],
-                           title=f"Paired difference to {factor['key']}={baseline_value}")
-    return Figure(title, (f"Mean paired difference (points of the primary metric) of each value of `{factor['key']}` "
+                           title=f"Paired difference to {factor['key']}={baseline_value}",
+                           ylabel=f"paired difference in {results['metric']}")
+    return Figure(title, (f"Mean paired difference (in {results['metric']}) of each value of `{factor['key']}` "
                           f"to the baseline value {baseline_value}, with its 95% t interval over seeds."),
                   _rel(path, out_dir))
 
 
-def write_report(out_dir: Path) -> Path:
-    """Write `out_dir/report.md` and its PNGs under `out_dir/plots/` from a directory holding results.json
-    (`padkd demo`'s, or the one `report_runs` writes)."""
+def _extra_figures(results: dict[str, Any], out_dir: Path) -> list[Figure]:
+    """The figures a demo drew itself (results `figures`: title, path relative to the report, caption)."""
+    shown = []
+    for item in results.get("figures", []):
+        if isinstance(item, dict) and isinstance(item.get("path"), str) and (out_dir / item["path"]).is_file():
+            shown.append(Figure(str(item.get("title", "")), str(item.get("caption", "")), item["path"]))
+        elif isinstance(item, dict):
+            shown.append(Figure(str(item.get("title", "")), "", note=str(item.get("note", "the file is missing."))))
+    return shown
+
+
+def write_report(out_dir: Path, results: dict[str, Any] | None = None) -> Path:
+    """Write `out_dir/report.md` and its PNGs under `out_dir/plots/`: from `results` (then written to
+    `out_dir/results.json` too, once the report is complete) or from the directory's results.json (`padkd
+    demo`'s, or the one `report_runs` writes). Nothing is left half-written: each file is replaced whole."""
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
-    if not results_path.exists():
-        raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`, or "
-                         "run `padkd report RUN_DIR...`")
-    results = files.read_json(results_path, 64 * MAX_CONFIG_BYTES, "report's results")
+    given = results is not None
+    if results is None:
+        if not results_path.exists():
+            raise PadkdError(f"{results_path} not found; point the report at a directory written by `padkd demo`, "
+                             "or run `padkd report RUN_DIR...`")
+        results = files.read_json(results_path, 64 * MAX_CONFIG_BYTES, "report's results")
+        if not isinstance(results, dict):
+            raise PadkdError(f"{results_path} is not a report's results (not a JSON object); run the demo or "
+                             "`padkd report` again")
+    results = normalised(results)
     plot_dir = out_dir / "plots"
     rows = summarize(results)
     figures = {"learning_curves": _learning_curves(results, out_dir, plot_dir),
@@ -381,17 +444,19 @@ def write_report(out_dir: Path) -> Path:
     else:
         variance = _variance_summary(records, out_dir, results["pad_term"])
         figures |= _variance_figures(results, out_dir, plot_dir, records, variance)
+    text = render(results, rows, figures, variance, variance_note, _extra_figures(results, out_dir))
+    if given:
+        files.atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     report = out_dir / "report.md"
-    files.atomic_write_text(report, render(results, rows, figures, variance, variance_note))
+    files.atomic_write_text(report, text)
     return report
 
 
 def report_runs(run_dirs: list[Path], out_dir: Path, labels: dict[str, str] | None = None,
                 baseline: str | None = None, command: str = "padkd report") -> Path:
-    """Report on any finished runs: group them into settings (`results_from_runs`), write
-    `out_dir/results.json`, then the report. Returns the report's path."""
-    results = results_from_runs([Path(r) for r in run_dirs], labels, baseline, command)
+    """Report on any finished runs: group them into settings (`results_from_runs`), then write the report
+    and `out_dir/results.json` (at the end, whole). Returns the report's path."""
     out_dir = Path(out_dir)
+    results = results_from_runs([Path(r) for r in run_dirs], out_dir, labels, baseline, command)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
-    return write_report(out_dir)
+    return write_report(out_dir, results)

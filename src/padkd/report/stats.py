@@ -13,6 +13,8 @@ import numpy as np
 from scipy import stats as sps
 
 BETTER, WORSE, UNCLEAR, NO_CI = "better", "worse", "not distinguishable", "n/a"
+#: The verdict of every comparison in a quick run: its few epochs make a smoke test, not evidence.
+QUICK = "not judged (quick run)"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -35,15 +37,22 @@ def paired_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tu
     return mean, mean - half, mean + half
 
 
-def verdict(low: float | None, high: float | None) -> str:
-    """"better"/"worse" when the interval excludes 0 on that side, else "not distinguishable"; "n/a" without one."""
+def verdict(low: float | None, high: float | None, higher_is_better: bool = True) -> str:
+    """"better"/"worse" when the interval of a difference (method − baseline) excludes 0, on the side that the
+    metric's direction calls better; else "not distinguishable"; "n/a" without an interval."""
     if low is None or high is None:
         return NO_CI
     if low > 0:
-        return BETTER
+        return BETTER if higher_is_better else WORSE
     if high < 0:
-        return WORSE
+        return WORSE if higher_is_better else BETTER
     return UNCLEAR
+
+
+def digits_for(table: dict[str, dict[str, float | None]]) -> int:
+    """Decimals to show a metric with: 3 for values within [−1, 1] (mAP, NMI), else 2 (percentages, perplexity)."""
+    values = [abs(v) for by_seed in table.values() for v in by_seed.values() if v is not None and math.isfinite(v)]
+    return 3 if values and max(values) <= 1.0 else 2
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
