@@ -424,3 +424,16 @@ def test_the_readmes_training_commands_run_in_order_as_written(tmp_path: Path, m
     assert isinstance(padkd.load_student(tmp_path / "student.pt"), torch.nn.Module)
     assert (tmp_path / "my_pad_l2.yaml").is_file() and (tmp_path / "runs" / "report" / "report.md").is_file()
 
+
+
+def test_a_missing_data_root_shows_the_resolved_path(tmp_path: Path, plain_config, write_yaml,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    raw = plain_config(tmp_path / "run")
+    raw["data"] = {"name": "mnist", "root": "data/nowhere"}
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    code, _, err = call(["train", str(config)], capsys)
+    assert_user_error(code, err, "data.root", f"data.root 'data/nowhere' is {tmp_path / 'data' / 'nowhere'}",
+                      "relative to the current directory")
+    assert not (tmp_path / "run").exists()

@@ -28,7 +28,15 @@ def make_task(comp: Component) -> Task:
 
 
 def make_data(cfg: Config) -> DataSplits:
-    return DATASETS.create(cfg.data.name, cfg.data.options, "data")
+    """The configured data set; an error about files under a relative `data.root` shows the path resolved."""
+    try:
+        return DATASETS.create(cfg.data.name, cfg.data.options, "data")
+    except PadkdError as err:
+        root = cfg.data.options.get("root")
+        if not isinstance(root, str) or Path(root).is_absolute() or str(Path(root).absolute()) in str(err):
+            raise
+        raise PadkdError(f"{err} (data.root '{root}' is {Path(root).absolute()}: paths in a config are relative to "
+                         "the current directory)") from None
 
 
 def make_model(ref: ModelRef, data: DataSplits, task: Task, where: str) -> nn.Module:
