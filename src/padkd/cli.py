@@ -161,17 +161,21 @@ def _catalogue() -> dict[str, dict[str, dict[str, str]]]:
     """The catalogue `padkd list` prints, cached per source: keyed by the hash of padkd's own source files
     and the installed plugins, so `padkd list` answers without importing torch once it has run once."""
     import hashlib
-    from importlib.metadata import entry_points
+    import importlib.util
 
-    from padkd import files
-    from padkd.plugins import GROUP
+    from padkd import files, plugins
 
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
-    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        version = ep.dist.version if ep.dist is not None else "?"
-        digest.update(f"{ep.name}={ep.value}@{version}".encode())
+    for ep in sorted(plugins.entry_points(group=plugins.GROUP), key=lambda e: e.name):
+        digest.update(f"{ep.name}={ep.value}@{ep.dist.version if ep.dist is not None else ''}".encode())
+        try:  # the plugin module's own file: an edited plugin is listed afresh without importing it
+            spec = importlib.util.find_spec(ep.module)
+        except Exception:  # noqa: BLE001  (a broken plugin is named when the catalogue is built)
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            digest.update(Path(spec.origin).read_bytes())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "padkd"
     path = cache / f"catalogue-{digest.hexdigest()[:20]}.json"
     try:
