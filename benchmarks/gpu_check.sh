@@ -157,16 +157,16 @@ cuda_tests() {
 say "mode $MODE, budget $BUDGET s, output $OUT"
 if setup; then
     cuda_tests
-    train teacher 120 configs/cifar100/teachers/resnet56.yaml "student.model.name=$TEACHER" stages.0.epochs=1
+    train teacher 120 src/padkd/recipes/cifar100/teachers/resnet56.yaml "student.model.name=$TEACHER" stages.0.epochs=1
     DISTILL=("teacher.model.name=$TEACHER" "teacher.checkpoint=$WORK/runs/teacher" "student.model.name=$STUDENT")
     if passed teacher; then
-        PAD=(configs/cifar100/resnet56-resnet20/pad_l2.yaml "${DISTILL[@]}" stages.0.epochs=1 stages.1.epochs=1)
+        PAD=(src/padkd/recipes/cifar100/resnet56-resnet20/pad_l2.yaml "${DISTILL[@]}" stages.0.epochs=1 stages.1.epochs=1)
         train amp_bf16 120 "${PAD[@]}" engine.precision=bf16
         train amp_fp16 120 --expect-scaler "${PAD[@]}" engine.precision=fp16
         ((DRY)) && say "ddp: a dry run joins a gloo process group on the CPU; NCCL needs CUDA"
         bounded 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 "$HELPER" train \
             --process-group "$BACKEND" --run-dir "$WORK/runs/ddp" --result "$WORK/ddp.result.json" \
-            configs/cifar100/resnet56-resnet20/kd.yaml "${DISTILL[@]}" stages.0.epochs=1 "data.root=$WORK/data" \
+            src/padkd/recipes/cifar100/resnet56-resnet20/kd.yaml "${DISTILL[@]}" stages.0.epochs=1 "data.root=$WORK/data" \
             "${COMMON[@]}"
         finish ddp $? ""
     else
@@ -187,7 +187,7 @@ if setup; then
     # last, as it can take what is left: speed.py's 'padkd best' compiles too, so this step may find a warm cache
     if passed teacher; then
         ((DRY)) && say "compile: a dry run uses the eager backend (inductor's code generation is the GPU run's)"
-        train compile 180 configs/cifar100/resnet56-resnet20/kd.yaml "${DISTILL[@]}" stages.0.epochs=2 \
+        train compile 180 src/padkd/recipes/cifar100/resnet56-resnet20/kd.yaml "${DISTILL[@]}" stages.0.epochs=2 \
             "${COMPILE[@]}"
     else
         record compile skip 0 "needs the teacher run, which did not pass"

@@ -7,7 +7,7 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
    hand-written step and padkd steps, each variant in its own process per round), CE + L2 on the pooled
    embeddings, SGD.
 3. Whole-pipeline training throughput, data loading and augmentation included, evaluation excluded: the
-   CIFAR-100 KD recipe (configs/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
+   CIFAR-100 KD recipe (src/padkd/recipes/cifar100/resnet56-resnet20/kd.yaml) against torchdistill's own example script
    (examples/torchvision/image_classification.py of github.com/yoshitomo-matsubara/torchdistill, passed with
    --torchdistill-script; without it that row is skipped) on the same generated CIFAR-100 files, the same models
    (resnet56 -> resnet20, random initialisation), batch, epochs, worker processes and threads; padkd at equal
@@ -16,7 +16,7 @@ shuffled, so machine noise hits all alike, and the median over rounds is reporte
    torchdistill's from the mean iteration time (data loading included) over the last 20 iterations of each
    epoch, which its MetricLogger prints at the epoch's last iteration.
 4. Peak memory of each pipeline run: the peak RSS of its process (and peak allocated CUDA memory on a GPU).
-5. The KD epoch against the student trained alone (configs/cifar100/resnet56-resnet20/student.yaml, the same
+5. The KD epoch against the student trained alone (src/padkd/recipes/cifar100/resnet56-resnet20/student.yaml, the same
    pipeline without a teacher) at equal settings (goal <= 2x the time): the teacher's forward is the floor of
    what distillation adds.
 
@@ -52,12 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
 from input_pipeline import cpu_name, write_cifar100  # noqa: E402
 
+from padkd.engine.cpu import BF16_FLAGS, cpu_flags, resolve_precision  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
+RECIPE = ROOT / "src" / "padkd" / "recipes" / "cifar100" / "resnet56-resnet20" / "kd.yaml"
 #: The same protocol with the student trained alone (no teacher, no terms).
-ALONE = ROOT / "configs" / "cifar100" / "resnet56-resnet20" / "student.yaml"
+ALONE = ROOT / "src" / "padkd" / "recipes" / "cifar100" / "resnet56-resnet20" / "student.yaml"
 #: The fastest padkd options measured on the CPU of docs/speed.md (pass --best to choose others).
 BEST = ["engine.compile=true", "engine.channels_last=true"]
+#: bf16 autocast in the NHWC layout: fast where the CPU has bf16 units (AMX), slower than fp32 where it has none.
+BF16 = ["engine.precision=bf16", "engine.channels_last=true"]
 
 # ---------------------------------------------------------------- (3), (4): the whole pipeline
 
@@ -279,8 +283,11 @@ def main() -> None:
         parser.error("--epochs must be at least 2 (the first epoch is not counted)")
     machine = (torch.cuda.get_device_name() if args.device == "cuda" else
                f"CPU {cpu_name()} ({os.cpu_count()} cores visible)")
+    bf16 = sorted(cpu_flags() & set(BF16_FLAGS))
     print(f"padkd speed: {machine}, torch {torch.__version__}, {args.threads} thread(s), {args.workers} workers, "
           f"device {args.device}")
+    print(f"CPU bf16 units: {', '.join(bf16) if bf16 else 'none (bf16 is emulated: slower than fp32)'}; "
+          f"precision: auto trains in {resolve_precision('auto', torch.device(args.device))} on this device")
 
     if not args.skip_steps:
         if args.device == "cuda":
@@ -302,6 +309,7 @@ def main() -> None:
     variants: dict[str, Callable[[Path, Path], dict]] = {
         "padkd fp32": lambda data, out: run_padkd(args, data, out, []),
         "padkd best": lambda data, out: run_padkd(args, data, out, list(args.best)),
+        "padkd bf16": lambda data, out: run_padkd(args, data, out, list(BF16)),
         "student alone": lambda data, out: run_padkd(args, data, out, [], alone=True),
     }
     if args.torchdistill_script is not None:
@@ -322,7 +330,8 @@ def main() -> None:
     print(f"\n3-5. whole pipeline, CIFAR-100 KD {args.teacher} -> {args.student}: {args.images} generated training "
           f"images, batch {args.batch}, {args.epochs} epochs (the first not counted), evaluation excluded; median of "
           f"{args.rounds} rounds, order shuffled each round")
-    print(f"'padkd best' = {' '.join(args.best) or '(no overrides)'}; 'student alone' = {ALONE.name}, fp32")
+    print(f"'padkd best' = {' '.join(args.best) or '(no overrides)'}; 'padkd bf16' = {' '.join(BF16)}; "
+          f"'student alone' = {ALONE.name}, fp32")
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"{'variant':22s} {'images/s':>9s} {'min':>8s} {'max':>8s} {memory:>14s}  note")
     rows: dict[str, dict] = {}
@@ -346,15 +355,20 @@ def main() -> None:
               "image_classification.py of github.com/yoshitomo-matsubara/torchdistill)")
     else:
         ratios |= {"padkd_fp32_over_torchdistill": rate["padkd fp32"] / rate[tag],
+                   "padkd_bf16_over_torchdistill": rate["padkd bf16"] / rate[tag],
                    "padkd_best_over_torchdistill": rate["padkd best"] / rate[tag]}
         print(f"(3) padkd fp32 / {tag}: {ratios['padkd_fp32_over_torchdistill']:.2f}x  (target >= 1.0)")
         print(f"(3) padkd best / {tag}: {ratios['padkd_best_over_torchdistill']:.2f}x  (target >= 1.5)")
+        print(f"(3) padkd bf16 / {tag}: {ratios['padkd_bf16_over_torchdistill']:.2f}x")
+    ratios["bf16_over_fp32"] = rate["padkd bf16"] / rate["padkd fp32"]
+    print(f"(3) padkd bf16 / padkd fp32: {ratios['bf16_over_fp32']:.2f}x  (bf16 units: {', '.join(bf16) or 'none'})")
     print(f"(5) padkd KD epoch / student-alone epoch: {ratios['kd_over_student_alone']:.2f}x the time  (goal <= 2)")
     if args.json is not None:
         settings = {k: v for k, v in vars(args).items() if k in ("images", "test_images", "batch", "epochs", "rounds",
                                                                  "threads", "workers", "device", "best", "teacher",
                                                                  "student")}
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "settings": settings,
+        args.json.write_text(json.dumps({"machine": machine, "cpu_bf16_flags": bf16, "torch": torch.__version__,
+                                         "settings": settings,
                                          "pipeline": rows, "ratios": ratios}, indent=2) + "\n")
 
 if __name__ == "__main__":

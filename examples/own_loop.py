@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from padkd import PAD
+from padkd import PAD, set_threads
 from padkd.data import DATASETS
 
+set_threads()  # padkd's thread policy (docs/speed.md): on a busy machine, more threads than idle cores is slower
 torch.manual_seed(0)
 data = DATASETS.create("digits")
 x, y = data.train.images, data.train.labels

@@ -27,7 +27,7 @@ from padkd.models import MODELS
 from padkd.tasks import Classification
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT / "configs" / "cifar100"
+CIFAR = ROOT / "src" / "padkd" / "recipes" / "cifar100"
 
 # The pairs of the CRD paper's Table 1 (same family) and Table 2 (different families), as in the
 # RepDistiller README; the CRD tables' "MobileNetV2" is the zoo's mobilenetv2_half.
@@ -46,7 +46,8 @@ LOW_LR_STUDENTS = {"mobilenetv2_half", "shufflenetv1", "shufflenetv2"}
 # ---------------------------------------------------------------- config patches and the LR scaling rule
 
 
-def test_a_mapping_with_integer_keys_patches_list_items(tmp_path: Path) -> None:
+def test_a_mapping_with_integer_keys_patches_list_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # bases are found from the current directory
     base = {"stages": [{"name": "a", "epochs": 3, "optimizer": {"lr": 0.1, "momentum": 0.9}}, {"name": "b"}]}
     patched = merge(base, {"stages": {0: {"optimizer": {"lr": 0.01}}}})
     assert patched["stages"] == [{"name": "a", "epochs": 3, "optimizer": {"lr": 0.01, "momentum": 0.9}}, {"name": "b"}]
@@ -147,7 +148,7 @@ def test_pad_l2_and_its_epoch_matched_control_differ_only_in_the_stage_2_weighti
 
 
 def test_imagenet_recipes() -> None:
-    cfgs = {p.stem: load_config(p) for p in sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))}
+    cfgs = {p.stem: load_config(p) for p in sorted((ROOT / "src" / "padkd" / "recipes" / "imagenet").glob("*.yaml"))}
     assert set(cfgs) == {"base", "l2", "pad_l2", "l2_control", "kd"}
     l2, pad, control, kd = cfgs["l2"], cfgs["pad_l2"], cfgs["l2_control"], cfgs["kd"]
     assert [(s.epochs, s.optimizer.lr, s.optimizer.lr_per, s.scheduler.milestones) for s in l2.stages] == [

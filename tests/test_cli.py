@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import json
 import os
@@ -289,3 +290,150 @@ def test_signal_saves_a_checkpoint_to_resume_from(tmp_path: Path, plain_config, 
     code = subprocess.run([padkd, "train", str(config), "stages.0.epochs=3", "--resume", "--quiet"],
                           capture_output=True, text=True).returncode
     assert code == 2
+
+
+# ---------------------------------------------------------------- the command line's order, pipes and speed
+
+
+def test_options_and_overrides_in_any_order(tmp_path: Path, plain_config, write_yaml,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "unused"))
+    from padkd.cli import parse_args
+
+    for argv in (["train", str(config), "--resume", f"output_dir={tmp_path / 'run'}", "seed=2", "--quiet"],
+                 ["train", str(config), f"output_dir={tmp_path / 'run'}", "--quiet", "seed=2", "--resume"],
+                 ["train", "--quiet", str(config), f"output_dir={tmp_path / 'run'}", "seed=2", "--resume"]):
+        args = parse_args(argv)
+        assert args.resume and args.quiet and args.overrides == [f"output_dir={tmp_path / 'run'}", "seed=2"]
+    with pytest.raises(SystemExit) as done:
+        parse_args(["train", str(config), "--resume", "--bogus"])
+    assert done.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["export", "run", "-o", "x.pt", "seed=1"])  # export takes no overrides
+
+
+def test_resume_with_nothing_to_resume_says_so_and_writes_nothing(tmp_path: Path, plain_config, write_yaml,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "unused"))
+    code, out, err = call(["train", str(config), "--resume", f"output_dir={tmp_path / 'runs' / 'new'}"], capsys)
+    assert_user_error(code, err, "--resume", "holds no run to resume", "drop --resume")
+    assert out == "" and not (tmp_path / "runs").exists()
+
+
+def test_a_failed_start_leaves_nothing_in_output_dir(tmp_path: Path, plain_config, write_yaml,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    raw = plain_config(tmp_path / "runs" / "run")
+    raw["student"]["checkpoint"] = "no/such/teacher.pt"
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    code, _, err = call(["train", str(config)], capsys)
+    assert_user_error(code, err, "student.checkpoint 'no/such/teacher.pt' not found",
+                      str(Path.cwd() / "no" / "such" / "teacher.pt"), "relative to the current directory")
+    assert not (tmp_path / "runs").exists()  # no .padkd.lock, no empty folders
+    (tmp_path / "mine").mkdir()  # an output_dir that existed before the start is kept, and stays empty
+    code, _, err = call(["train", str(config), f"output_dir={tmp_path / 'mine'}"], capsys)
+    assert code == 2 and list((tmp_path / "mine").iterdir()) == []
+
+
+def test_a_tap_error_names_its_stage_and_term(tmp_path: Path, distill_config, write_yaml,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    raw = distill_config(tmp_path / "run")
+    raw["stages"][1]["terms"][0]["teacher"] = "fc2:in"
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    code, _, err = call(["train", str(config)], capsys)
+    assert_user_error(code, err, "stages[1].terms[0]: teacher tap 'fc2:in': no module 'fc2'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_missing_run_says_no_such_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = call(["eval", str(tmp_path / "runs" / "nonexistent")], capsys)
+    assert_user_error(code, err, "no such run directory", str(tmp_path / "runs" / "nonexistent"))
+
+
+def test_list_shows_whole_first_sentences_and_one_components_full_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from padkd.cli import first_sentence
+    from padkd.methods import METHODS
+
+    assert first_sentence("A `pool_size` k\nwindow. Then more.\n\nOther.") == "A `pool_size` k window."
+    assert first_sentence("Use e.g. a hint. Next") == "Use e.g. a hint."
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["list", "methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    for name in METHODS.names():
+        assert first_sentence(inspect.getdoc(METHODS.get(name)) or "") in lines[name]
+    assert len(list((tmp_path / "padkd").glob("catalogue-*.json"))) == 1  # the cache the next list reads
+    assert main(["list", "methods", "kd"]) == 0
+    out = capsys.readouterr().out
+    assert (inspect.getdoc(METHODS.get("kd")) or "") in out and "[weight" in out
+    code, _, err = call(["list", "methods", "kdd"], capsys)
+    assert_user_error(code, err, "unknown method 'kdd'", "did you mean 'kd'")
+
+
+def _padkd(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+           python: bool = False) -> subprocess.CompletedProcess[str]:
+    """`padkd ARGS` (`python ARGS` with `python`) in a subprocess running this checkout's code."""
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **(env or {})}
+    command = [sys.executable, *args] if python else [sys.executable, "-m", "padkd.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environ, timeout=300)
+
+
+def test_version_imports_no_torch(tmp_path: Path) -> None:
+    code = "import sys\nfrom padkd.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n    pass\n" \
+           "print('torch' in sys.modules)"
+    done = _padkd(["-c", code], tmp_path, python=True)
+    assert done.stdout.split() == ["padkd", "0.1.0", "False"], done.stdout + done.stderr
+
+
+def test_a_closed_pipe_exits_0_silently(tmp_path: Path) -> None:
+    """`padkd list methods | head -1`, and a reader that closes the pipe before padkd writes (`| true`)."""
+    script = (f"{sys.executable} -m padkd.cli list methods | head -1; echo rc=${{PIPESTATUS[0]}}; "
+              f"{sys.executable} -m padkd.cli list methods | true; echo rc=${{PIPESTATUS[0]}}")
+    done = _padkd(["-c", f"import subprocess; subprocess.run(['bash', '-c', {script!r}])"], tmp_path,
+                  {"XDG_CACHE_HOME": str(tmp_path)}, python=True)
+    assert done.stderr == "" and done.stdout.splitlines()[1:] == ["rc=0", "rc=0"], done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_readmes_training_commands_run_in_order_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The first block of "Training from a config", line by line in a fresh directory; each recipe's stages
+    are cut to one epoch (the same overrides on every line, so --resume continues the same run)."""
+    import re
+    import shlex
+
+    from padkd.config import load_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Training from a config"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    commands = [shlex.split(line.split("  #")[0]) for line in block.group(1).strip().splitlines()]
+    assert [c[:2] for c in commands][:4] == [["padkd", "recipes"], ["padkd", "train"], ["padkd", "train"],
+                                             ["padkd", "train"]]
+    for command in commands:
+        argv = command[1:]
+        if argv[0] == "train":
+            stages = len(load_config(argv[1], [a for a in argv[2:] if "=" in a]).stages)
+            argv += [f"stages.{i}.epochs=1" for i in range(stages)] + ["--quiet"]
+        assert main(argv) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "runs" / "digits" / "pad_l2-s1" / "final.json").is_file()
+    import padkd
+
+    assert isinstance(padkd.load_student(tmp_path / "student.pt"), torch.nn.Module)
+    assert (tmp_path / "my_pad_l2.yaml").is_file() and (tmp_path / "runs" / "report" / "report.md").is_file()
+
+
+
+def test_a_missing_data_root_shows_the_resolved_path(tmp_path: Path, plain_config, write_yaml,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    raw = plain_config(tmp_path / "run")
+    raw["data"] = {"name": "mnist", "root": "data/nowhere"}
+    config = write_yaml(tmp_path / "c.yaml", raw)
+    code, _, err = call(["train", str(config)], capsys)
+    assert_user_error(code, err, "data.root", f"data.root 'data/nowhere' is {tmp_path / 'data' / 'nowhere'}",
+                      "relative to the current directory")
+    assert not (tmp_path / "run").exists()

@@ -335,3 +335,13 @@ def test_dump_config_is_plain_yaml(raw: dict[str, Any]) -> None:
     text = dump_config(parse_config(raw))
     assert "!!" not in text  # no python tags: safe_load can read it back
     assert yaml.safe_load(text)["stages"][0]["terms"][0]["method"] == {"name": "hint"}
+
+
+def test_engine_threads_and_precision_auto(raw: dict[str, Any]) -> None:
+    cfg = parse_config({**raw, "engine": {"threads": 2, "precision": "auto"}})
+    assert cfg.engine.threads == 2 and cfg.engine.precision == "auto"
+    assert parse_config(raw).engine.threads is None and parse_config(raw).engine.precision == "fp32"
+    with pytest.raises(PadkdError, match=r"engine.threads: Input should be greater than or equal to 1"):
+        parse_config({**raw, "engine": {"threads": 0}})
+    with pytest.raises(PadkdError, match=r"engine.precision: .*'auto'"):
+        parse_config({**raw, "engine": {"precision": "bf32"}})

@@ -323,7 +323,7 @@ def test_run_writes_metrics_events(run_a: tuple[Path, dict[str, Any]]) -> None:
     assert events[-1] == {"event": "final", **final}
     assert json.loads((run_dir / "final.json").read_text()) == final
     assert final["split"] == "test" and set(final["last"]) == {"top1", "top5", "loss"}
-    assert set(final) == {"primary_metric", "best_stage_epoch", "best_val", "split", "last", "best"}
+    assert set(final) == {"primary_metric", "best_stage_epoch", "best_val", "split", "last", "best", "engine"}
     assert final["primary_metric"] == "top1"
     best_epoch = next(e for e in epochs if [e["stage"], e["epoch"]] == final["best_stage_epoch"])
     assert best_epoch["val"]["top1"] == final["best_val"] == max(e["val"]["top1"] for e in epochs)
@@ -430,9 +430,10 @@ def test_resume_mid_epoch_of_a_plain_run_matches(tmp_path: Path, plain_config) -
     assert epoch_events(tmp_path / "b") == epoch_events(tmp_path / "a")
 
 
-def test_resume_without_checkpoint_starts_from_scratch(tmp_path: Path, plain_config) -> None:
-    reference = run(plain_config(tmp_path / "a"))
-    assert Trainer(parse_config(plain_config(tmp_path / "b")), resume=True, quiet=True).run().final == reference
+def test_resume_without_checkpoint_is_refused_and_writes_nothing(tmp_path: Path, plain_config) -> None:
+    with pytest.raises(PadkdError, match="holds no run to resume"):  # never a fresh run in the wrong place
+        Trainer(parse_config(plain_config(tmp_path / "b")), resume=True, quiet=True).run()
+    assert not (tmp_path / "b").exists()
 
 
 # ---------------------------------------------------------------- guards

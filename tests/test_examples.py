@@ -41,7 +41,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_every_shipped_config_validates(tmp_path: Path) -> None:
     from padkd.config import load_config
 
-    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    configs = sorted((ROOT / "src" / "padkd" / "recipes").rglob("*.yaml"))
     assert configs
     for path in configs:
         cfg = load_config(path, [f"output_dir={tmp_path / path.stem}"])

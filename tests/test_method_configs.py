@@ -1,4 +1,4 @@
-"""Every example config under configs/methods trains on digits (shortened) and its distillation loss falls."""
+"""Every example config under src/padkd/recipes/methods trains on digits (shortened) and its distillation loss falls."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from padkd.engine.logging import read_metrics
 from padkd.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "src" / "padkd" / "recipes" / "methods").glob("*.yaml"))
 TEACHER = {"name": "cnn", "widths": [8, 16, 32]}
 EPOCHS = 3
 #: Methods with a memory of the training set: in their first epoch the memory still holds its random
@@ -48,7 +48,7 @@ def shortened(path: Path, out: Path, teacher: Path) -> dict[str, Any]:
 def test_every_method_has_an_example_config() -> None:
     from padkd.methods import METHODS
 
-    named = {term["method"]["name"] for path in (ROOT / "configs").rglob("*.yaml")
+    named = {term["method"]["name"] for path in (ROOT / "src" / "padkd" / "recipes").rglob("*.yaml")
              for stage in read_raw(path).get("stages", []) for term in stage.get("terms", [])}
     # similarity, a retrieval term, is exercised by the retrieval demo's recipes
     assert set(METHODS.names()) - {"similarity"} <= named

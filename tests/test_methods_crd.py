@@ -330,7 +330,7 @@ def test_example_configs_parse() -> None:
     from padkd.config import load_config
 
     for name in ("crd.yaml", "crd_pad.yaml"):
-        cfg = load_config(ROOT / "configs" / "methods" / name, ["output_dir=unused"])
+        cfg = load_config(ROOT / "src" / "padkd" / "recipes" / "methods" / name, ["output_dir=unused"])
         term = cfg.stages[-1].terms[0]
         assert term.method.name == "crd" and term.student == "fc:in"
 

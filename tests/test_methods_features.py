@@ -601,7 +601,7 @@ def test_ofd_margins_from_the_build_batch_and_its_errors() -> None:
 
 @pytest.mark.parametrize("name", ["at", "nst", "ab", "ft", "fsp", "vid", "reviewkd", "ofd"])
 def test_example_config_parses_and_uses_the_method(name: str, tmp_path: Path) -> None:
-    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config(ROOT / "src" / "padkd" / "recipes" / "methods" / f"{name}.yaml", [f"output_dir={tmp_path}"])
     methods = [term.method.name for stage in cfg.stages for term in stage.terms]
     assert name in methods
     assert cfg.student.model.options["widths"] == [4, 8]

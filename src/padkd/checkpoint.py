@@ -145,9 +145,17 @@ def _plain(v: Any) -> Any:
 
 
 def load_model_weights(model: nn.Module, path: Path, component: Component, where: str) -> None:
-    """Load a checkpoint's student (or an export) into `model`, refusing another architecture."""
-    path = resolve(path)
-    ckpt = load(path)
+    """Load a checkpoint's student (or an export) into `model`, refusing another architecture; errors name
+    the config key (`teacher.checkpoint`) and the path resolved from the current directory."""
+    if not path.exists():
+        raise PadkdError(f"{where}.checkpoint '{path}' not found ({path.absolute()}: paths in a config are relative "
+                         f"to the current directory); train that run first or point {where}.checkpoint at a padkd "
+                         ".pt file or run directory")
+    try:
+        path = resolve(path)
+        ckpt = load(path)
+    except PadkdError as err:
+        raise PadkdError(f"{where}.checkpoint: {err}") from None
     expected, found = model_spec(component), ckpt.get("model")
     if found != expected:
         raise PadkdError(f"{where}.checkpoint '{path}' holds model {found}, but {where}.model is {expected}; "

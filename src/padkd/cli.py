@@ -1,4 +1,4 @@
-"""`padkd` console script: train, eval, export, import-teacher, list, demo, report, study.
+"""`padkd` console script: train, eval, export, import-teacher, list, recipes, demo, report, study.
 
 User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
 2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
@@ -10,16 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from padkd import __version__
-from padkd.engine.logging import finite_json
 from padkd.errors import PadkdError
+
+#: padkd.engine.cpu.ENV (not imported here: that module imports torch).
+THREADS_ENV = "PADKD_THREADS"
+#: Subcommands whose `key=value` overrides may stand anywhere among the options.
+_WITH_OVERRIDES = ("train", "eval")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from padkd.config import load_config
+    from padkd.engine.logging import finite_json
     from padkd.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -33,6 +39,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _run_config_for(path: Path) -> Path:
     """The config.yaml of the run a checkpoint (or run directory) belongs to."""
+    if not path.exists():
+        raise PadkdError(f"no such run directory or checkpoint '{path}' ({path.absolute()}); pass the output_dir "
+                         "of a padkd train run or a .pt file")
     run_dir = path if path.is_dir() else path.parent.parent
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -44,12 +53,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from padkd import checkpoint as ckpt
     from padkd.assemble import make_data, make_model, make_task, resolve_device
     from padkd.config import ModelRef
+    from padkd.engine.cpu import set_threads
     from padkd.engine.evaluate import evaluate
     from padkd.engine.loaders import make_loader
+    from padkd.engine.logging import finite_json
     from padkd.validate import load_checked
 
     path = Path(args.checkpoint)
     cfg = load_checked(args.config or _run_config_for(path), args.overrides)
+    set_threads(cfg.engine.threads)
     ref = ModelRef(model=cfg.student.model, checkpoint=str(path))
     data = make_data(cfg)
     task = make_task(cfg.task)
@@ -75,7 +87,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if output.exists() and (output.resolve() == source.resolve() or _is_run_checkpoint(output)):
         raise PadkdError(f"-o '{output}' is a run's training checkpoint; exporting over it would destroy the run's "
                          "state: write the export elsewhere")
-    ckpt.save(output, "export", model=state["model"], student=state["student"])
+    extra = {"model_kwargs": state["model_kwargs"]} if "model_kwargs" in state else {}
+    ckpt.save(output, "export", model=state["model"], student=state["student"], **extra)
     dropped = len(state.get("terms", {}))
     print(f"exported the student of {source} to {args.output} ({len(state['student'])} tensors; "
           f"{dropped} distillation-only tensors such as PAD heads left out)")
@@ -89,14 +102,6 @@ def _is_run_checkpoint(path: Path) -> bool:
         return ckpt.load(path).get("kind") == "run"
     except PadkdError:
         return False
-
-
-def _defaults(factory: object) -> str:
-    """`key=default` of a factory's options, for `padkd list`."""
-    import inspect
-
-    params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
-    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
 
 
 def _cmd_import_teacher(args: argparse.Namespace) -> int:
@@ -114,25 +119,150 @@ def _cmd_import_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from padkd.data import DATASETS
-    from padkd.data.samplers import SAMPLERS
-    from padkd.methods import METHODS
-    from padkd.models import MODELS
-    from padkd.tasks import TASKS
-    from padkd.weightings import WEIGHTINGS
+#: `padkd list` kinds → (module, registry name); imported only when the catalogue must be built.
+_REGISTRIES = {"methods": ("padkd.methods", "METHODS"), "weightings": ("padkd.weightings", "WEIGHTINGS"),
+               "models": ("padkd.models", "MODELS"), "datasets": ("padkd.data", "DATASETS"),
+               "tasks": ("padkd.tasks", "TASKS"), "samplers": ("padkd.data.samplers", "SAMPLERS")}
 
-    registry = {"methods": METHODS, "weightings": WEIGHTINGS, "models": MODELS, "datasets": DATASETS,
-                "tasks": TASKS, "samplers": SAMPLERS}[args.what]
-    for name in registry.names():
-        line = f"{name:18s} {registry.describe(name)}"
-        if registry is METHODS:
-            method = METHODS.get(name)
-            options = _defaults(method)
-            line += f" [weight {method.default_weight:g}{'; ' + options if options else ''}]"
-            if method.reference:
-                line += f" ({method.reference})"
-        print(line)
+
+def _defaults(factory: object) -> str:
+    """`key=default` of a factory's options, for `padkd list`."""
+    import inspect
+
+    params = inspect.signature(factory).parameters.values()  # type: ignore[arg-type]
+    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not inspect.Parameter.empty)
+
+
+def _build_catalogue() -> dict[str, dict[str, dict[str, str]]]:
+    """Every registered component (plugins included): kind → name → its docstring and, for methods, the
+    default weight, options and reference. Imports every registry (torch): seconds."""
+    import importlib
+    import inspect
+
+    from padkd.plugins import load_plugins
+
+    load_plugins()
+    catalogue: dict[str, dict[str, dict[str, str]]] = {}
+    for kind, (module, attr) in _REGISTRIES.items():
+        registry = getattr(importlib.import_module(module), attr)
+        entries = catalogue[kind] = {}
+        for name in registry.names():
+            factory = registry.get(name)
+            extra = ""
+            if kind == "methods":
+                options = _defaults(factory)
+                extra = f"[weight {factory.default_weight:g}{'; ' + options if options else ''}]"
+                extra += f" ({factory.reference})" if factory.reference else ""
+            entries[name] = {"doc": inspect.getdoc(factory) or "", "extra": extra}
+    return catalogue
+
+
+def _catalogue() -> dict[str, dict[str, dict[str, str]]]:
+    """The catalogue `padkd list` prints, cached per source: keyed by the hash of padkd's own source files
+    and the installed plugins, so `padkd list` answers without importing torch once it has run once."""
+    import hashlib
+    import importlib.util
+
+    from padkd import files, plugins
+
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
+    for ep in sorted(plugins.entry_points(group=plugins.GROUP), key=lambda e: e.name):
+        digest.update(f"{ep.name}={ep.value}@{ep.dist.version if ep.dist is not None else ''}".encode())
+        try:  # the plugin module's own file: an edited plugin is listed afresh without importing it
+            spec = importlib.util.find_spec(ep.module)
+        except Exception:  # noqa: BLE001  (a broken plugin is named when the catalogue is built)
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            digest.update(Path(spec.origin).read_bytes())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "padkd"
+    path = cache / f"catalogue-{digest.hexdigest()[:20]}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    catalogue = _build_catalogue()
+    try:
+        files.atomic_write_text(path, json.dumps(catalogue))
+    except OSError:  # a read-only home: list without the cache
+        pass
+    return catalogue
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a docstring's first paragraph, whole (its lines joined)."""
+    import re
+
+    paragraph = " ".join((text.strip().split("\n\n") or [""])[0].split())
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from padkd.errors import did_you_mean
+
+    entries = _catalogue()[args.what]
+    if args.name is not None:
+        if args.name not in entries:
+            raise PadkdError(f"unknown {args.what[:-1]} '{args.name}'{did_you_mean(args.name, entries)}")
+        entry = entries[args.name]
+        print("\n".join(filter(None, [args.name, entry["extra"], "", entry["doc"]])))
+        return 0
+    for name, entry in entries.items():
+        print(" ".join(filter(None, [f"{name:18s}", first_sentence(entry["doc"]), entry["extra"]])))
+    return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    """A recipe's first sentence: its leading comment block, up to the first command line (`#   padkd ...`)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        lines.append(line.lstrip("#").strip())
+    return first_sentence(" ".join(lines))
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from padkd.config import recipe_names, recipe_path
+
+    if args.copy is not None:
+        return _copy_recipe(*args.copy)
+    pattern = args.pattern or "*"
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    names = [n for n in recipe_names() if fnmatch.fnmatchcase(n, glob)]
+    if not names:
+        raise PadkdError(f"no built-in recipe matches '{pattern}'; `padkd recipes` lists them all")
+    width = max(len(n) for n in names)
+    for name in names:
+        path = recipe_path(name)
+        assert path is not None
+        print(f"{name:{width}s}  {_recipe_summary(path)}".rstrip())
+    return 0
+
+
+def _copy_recipe(name: str, dest: str) -> int:
+    """Write built-in recipe `name` to `dest` (a file, or a folder to put NAME.yaml in), never over a file."""
+    from padkd.config import recipe_path
+
+    source = recipe_path(name)
+    if source is None:
+        from padkd.config import find_config
+
+        find_config(name)  # the one-line "not found" with the closest recipe
+        raise PadkdError(f"'{name}' is a file, not a built-in recipe; copy it with cp")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    try:
+        with target.open("x", encoding="utf-8") as f:
+            f.write(source.read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise PadkdError(f"'{target}' exists; padkd never overwrites it: remove it or choose another DEST") from None
+    print(f"copied recipe {name} to {target}; its `extends:` bases are built-in recipes (or files of that path "
+          f"in the current directory); train it with: padkd train {target}")
     return 0
 
 
@@ -186,15 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="padkd", description="Prime-Aware Adaptive Distillation toolkit")
     parser.add_argument("--version", action="version", version=f"padkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, metavar="N", help="CPU threads of torch's operators (wins over "
+                         "engine.threads; default: the cores idle at start, see docs/speed.md)")
 
-    p = sub.add_parser("train", help="train from a YAML config")
-    p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1")
+    p = sub.add_parser("train", help="train from a YAML config", parents=[threads])
+    p.add_argument("config", help="a YAML config file, or a built-in recipe's name (`padkd recipes`), e.g. "
+                   "digits/teacher")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.epochs=5 seed=1 (anywhere "
+                   "among the options)")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint's student")
+    p = sub.add_parser("eval", help="evaluate a checkpoint's student", parents=[threads])
     p.add_argument("checkpoint", help="a .pt file or a run directory (its best checkpoint)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. data.root=...)")
     p.add_argument("--config", help="config to take data and model from (default: the run's config.yaml)")
@@ -219,10 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_teacher)
 
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])
+    p.add_argument("what", choices=list(_REGISTRIES))
+    p.add_argument("name", nargs="?", help="one component: its full description")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report")
+    p = sub.add_parser("recipes", help="list the built-in recipes (train one by name: padkd train digits/teacher)")
+    p.add_argument("pattern", nargs="?", help="a part of the name, or a glob (e.g. 'cifar100/*/kd')")
+    p.add_argument("--copy", nargs=2, metavar=("NAME", "DEST"), help="write recipe NAME to the file or folder "
+                   "DEST to edit it (never overwrites)")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report",
+                       parents=[threads])
     p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
                    help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9) or "
                         "detection (synthetic shapes in the COCO format)")
@@ -244,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="the setting others are compared with (default: that of the first run)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why")
+    p = sub.add_parser("study", help="the evidence study: where PAD helps or hurts on digits and MNIST, and why",
+                       parents=[threads])
     p.add_argument("--mode", choices=["quick", "full"], default="quick",
                    help="quick: digits only, few seeds (minutes); full: every factor (over 90 min on 2 cores; "
                    "see --minutes)")
@@ -284,14 +428,56 @@ def _crash_report(args: argparse.Namespace) -> Path:
     return Path("(nowhere: no writable folder)")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `train` and `eval` taking their key=value overrides anywhere among the
+    options (`padkd train CFG --resume seed=1` as well as `padkd train CFG seed=1 --resume`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in _WITH_OVERRIDES and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: a reader that closed the pipe (`padkd list | head -1`) wants no more, and
+    the interpreter's final flush must not fail either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    previous = os.environ.get(THREADS_ENV)
     try:
-        from padkd.plugins import load_plugins
+        return _main(args)
+    finally:  # a call of main() in a process that goes on (a test, a notebook) leaves its environment as it was
+        if previous is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = previous
 
-        load_plugins()
-        return args.func(args)
+
+def _main(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"padkd: error: --threads {args.threads}: give at least 1", file=sys.stderr)
+            return 2
+        os.environ[THREADS_ENV] = str(args.threads)  # read by every run this command starts (engine/cpu.py)
+    try:
+        if args.command != "list":  # list loads plugins only to build its catalogue
+            from padkd.plugins import load_plugins
+
+            load_plugins()
+        code: int = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except PadkdError as err:
         from padkd.engine.trainer import Interrupted
 

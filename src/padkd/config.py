@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import reprlib
 import sys
@@ -158,7 +159,9 @@ class EngineConfig(Strict):
     """How each training step runs: precision, gradient accumulation and clipping, compile, layout."""
 
     #: bf16 or fp16 autocast (fp16 with a gradient scaler, saved in checkpoints); losses and PAD in fp32.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: `auto`: bf16 where the device has bf16 units (AMX/AVX512-BF16 CPUs, bf16 GPUs), else fp32; the
+    #: precision used is recorded in final.json (`engine.precision`).
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     #: Micro-batches per optimizer step (the effective batch is accumulate × batch_size × processes).
     accumulate: int = Field(1, ge=1)
     #: Clip the global gradient norm of each optimizer step to this value (null: no clipping).
@@ -169,6 +172,9 @@ class EngineConfig(Strict):
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     #: NHWC memory layout for models and 4-d inputs (faster convolutions on recent GPUs).
     channels_last: bool = False
+    #: CPU threads of torch's operators; null: the policy of padkd.engine.cpu (`--threads N` wins, else
+    #: OMP_NUM_THREADS, else the cores idle at start). The count used is recorded in final.json.
+    threads: int | None = Field(None, ge=1, le=1024)
 
 
 class DistillConfig(Strict):
@@ -450,19 +456,61 @@ def merge(base: Any, delta: Any, where: str = "") -> Any:
     return delta
 
 
+#: The built-in recipes, shipped in the package: `padkd train digits/teacher` finds RECIPES/digits/teacher.yaml.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+SUFFIXES = (".yaml", ".yml")
+
+
+def recipe_names() -> list[str]:
+    """Every built-in recipe's name: its path under RECIPES without the suffix (`digits/teacher`)."""
+    return sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*")
+                  if p.suffix in SUFFIXES and p.is_file())
+
+
+def recipe_path(name: str) -> Path | None:
+    """The built-in recipe `name` (`digits/teacher`, `.yaml` optional), or None; never a file outside RECIPES."""
+    if not name or Path(name).is_absolute():
+        return None
+    for candidate in ([RECIPES / name] if Path(name).suffix in SUFFIXES else []) + [RECIPES / f"{name}{s}"
+                                                                                     for s in SUFFIXES]:
+        if candidate.is_file() and candidate.resolve().is_relative_to(RECIPES):
+            return candidate
+    return None
+
+
+def find_config(name: str | Path, extended_by: Path | None = None) -> Path:
+    """The config file a name means, by the one path rule: a path relative to the current directory (or
+    absolute) when that file exists, else a built-in recipe of that name. One line when neither exists,
+    naming the resolved path and the closest recipe."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    recipe = recipe_path(str(name))
+    if recipe is not None:
+        return recipe
+    by = f" (extended by {extended_by})" if extended_by is not None else ""
+    hint = ""
+    if extended_by is not None and (extended_by.parent / path).is_file():
+        hint = (f"; it exists beside {extended_by.name}, but bases are found from the current directory: write "
+                f"extends: {Path(os.path.relpath(extended_by.parent / path)).as_posix()}, or run padkd from "
+                f"{extended_by.parent}")
+    stem = str(name).removesuffix(path.suffix) if path.suffix in SUFFIXES else str(name)
+    raise PadkdError(f"config file '{name}'{by} not found (no file {path.absolute()}, no built-in recipe "
+                     f"'{stem}'){hint or did_you_mean(stem, recipe_names(), list_all=False)}; list recipes with "
+                     "`padkd recipes`")
+
+
 def read_raw(path: str | Path) -> dict[str, Any]:
-    """A config file as a plain dict, with its `extends:` bases merged under it (one or a list, later ones
-    winning). A base is a relative path to a .yaml/.yml file, resolved from the extending file's folder
-    (`../base.yaml` included: recipes share bases); chains are at most MAX_EXTENDS_DEPTH deep and
-    MAX_CONFIG_FILES files in all. Bases are data like the file itself: nothing is imported."""
-    return _read_tree(Path(path), (), [MAX_CONFIG_FILES])
+    """A config file (a path or a recipe name, see `find_config`) as a plain dict, with its `extends:` bases
+    merged under it (one or a list, later ones winning). A base is a relative .yaml/.yml path found by the
+    same rule as the file itself (from the current directory, else a built-in recipe: `cifar100/base.yaml`);
+    chains are at most MAX_EXTENDS_DEPTH deep and MAX_CONFIG_FILES files in all. Bases are data like the
+    file itself: nothing is imported."""
+    return _read_tree(find_config(path), (), [MAX_CONFIG_FILES])
 
 
 def _read_tree(path: Path, chain: tuple[Path, ...], budget: list[int]) -> dict[str, Any]:
     """`read_raw` of one file of an `extends` tree: `chain` the files extending it, `budget` the files left."""
-    if not path.is_file():
-        where = f" (extended by {chain[-1]})" if chain else ""
-        raise PadkdError(f"config file '{path}'{where} not found; pass the path of a YAML config (see configs/)")
     if path.resolve() in chain:
         raise PadkdError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in (*chain, path.resolve()))})")
     if len(chain) >= MAX_EXTENDS_DEPTH or budget[0] <= 0:
@@ -482,10 +530,11 @@ def _read_tree(path: Path, chain: tuple[Path, ...], budget: list[int]) -> dict[s
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise PadkdError(f"{path}: extends must be a relative path or a list of them, got {short_repr(bases)}")
     for base in bases:
-        if Path(base).is_absolute() or Path(base).suffix not in (".yaml", ".yml"):
+        if Path(base).is_absolute() or Path(base).suffix not in SUFFIXES:
             raise PadkdError(f"{path}: extends {short_repr(base)}: a base must be a relative path to a .yaml or "
-                             ".yml file, from this file's folder (e.g. extends: ../base.yaml)")
-    layers = [_read_tree(path.parent / base, (*chain, path.resolve()), budget) for base in bases] + [raw]
+                             ".yml file, from the current directory, or a built-in recipe (e.g. extends: "
+                             "cifar100/base.yaml)")
+    layers = [_read_tree(find_config(base, path), (*chain, path.resolve()), budget) for base in bases] + [raw]
     merged: dict[str, Any] = {}
     try:
         for layer in layers:

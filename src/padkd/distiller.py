@@ -130,6 +130,7 @@ class DistillOutput:
 
     @property
     def total(self) -> Tensor:
+        """The loss to back-propagate: the sum of the named losses (each already weighted), in fp32."""
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 

@@ -19,10 +19,11 @@ class NonFiniteLossError(PadkdError):
     """A loss became NaN or inf; training stops and the last good checkpoint is kept."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return "; did you mean 'x'?" for the closest choice, or a list of the allowed values."""
+def did_you_mean(word: str, choices: Iterable[str], list_all: bool = True) -> str:
+    """Return "; did you mean 'x'?" for the closest choice, else a list of the allowed values (`list_all`,
+    for short lists) or nothing."""
     choices = sorted(choices)
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{close[0]}'?"
-    return f"; allowed: {', '.join(choices)}" if choices else ""
+    return f"; allowed: {', '.join(choices)}" if choices and list_all else ""

@@ -40,7 +40,7 @@ CRASH_REPORT = re.compile(r"^padkd-crash-[0-9-]+-\w+\.log$")
 #: from and how they are loaded, logging, the device, compilation, and (lowered only, in a stage that has
 #: not finished) a stage's learning rate, to continue past a NaN from the last good checkpoint.
 RESUMABLE = (r"log(\..+)?", r"data\.(num_workers|pin_memory|persistent_workers|prefetch_factor|root)",
-             r"device", r"engine\.(compile|compile_backend)", r"stages\.\d+\.optimizer\.lr")
+             r"device", r"engine\.(compile|compile_backend|threads)", r"stages\.\d+\.optimizer\.lr")
 _LR = re.compile(r"stages\.(\d+)\.optimizer\.lr")
 
 
@@ -182,7 +182,7 @@ def _refused(key: str, before: Any, after: Any, finished_stages: int) -> str | N
     if key == "output_dir":  # the config was read from this directory: it moved
         return None
     if not any(re.fullmatch(p, key) for p in RESUMABLE):
-        return ("; resume with the same config (only log, data loading, device, compile and a lower "
+        return ("; resume with the same config (only log, data loading, device, compile, threads and a lower "
                 "stages.N.optimizer.lr of a stage that has not finished may change), or set another output_dir")
     lr = _LR.fullmatch(key)
     if lr is None:

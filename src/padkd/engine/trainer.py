@@ -33,6 +33,7 @@ from padkd.batch import tree_leaves
 from padkd.config import Config, StageConfig, dump_config
 from padkd.distiller import Distiller
 from padkd.engine import records, resume, rundir
+from padkd.engine.cpu import resolve_precision, set_threads
 from padkd.engine.evaluate import evaluate
 from padkd.engine.loaders import DeviceLoader, example_batch, make_loader
 from padkd.engine.logging import MetricsLog, finite_json, progress_bar, show_progress
@@ -124,17 +125,23 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         self.callbacks = callbacks or []
+        self.threads = set_threads(cfg.engine.threads)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(ddp.local_rank())
             self.device = torch.device("cuda", ddp.local_rank())
         self.rank, self.world = ddp.init_from_env(self.device)
+        #: The engine settings this run trains with: `precision: auto` resolved for this device.
+        self.engine = cfg.engine.model_copy(update={"precision": resolve_precision(cfg.engine.precision,
+                                                                                    self.device)})
         self.main = self.rank == 0
         self.run_dir = Path(cfg.output_dir)
         self.task = make_task(cfg.task)
         self.progress = Progress()
         self._stop_requested = False
         self._lock = rundir.RunLock(self.run_dir)
+        #: What this start creates (run directory, lock file): removed again if it fails before config.yaml.
+        self._leave: list[Path] = []
         #: The `resume` event to record once the checkpoint's state is in place (rank 0, resume only).
         self._resume_event: dict[str, Any] | None = None
 
@@ -157,15 +164,18 @@ class Trainer:
         self._resumed_from = f"checkpoints/{source}"
         if not self.main and source is not None:
             state = ckpt.load(self.run_dir / self._resumed_from, kind="run")
-        if self.resume and state is None and self.main:
-            log.info("no checkpoint in %s yet: starting from the beginning", self.run_dir)
         return state
 
     def _checked_resume_state(self) -> dict[str, Any] | None:
         """Rank 0's part of `_resume_state`; sets the `resume` event to record."""
         rundir.check(self.run_dir, self.resume)  # before the lock file is created
+        self._leave = self._absent_entries()
         self._lock.acquire()
         holds_run = rundir.check(self.run_dir, self.resume)
+        if self.resume and not holds_run:  # the lock file and the folders made for it are removed again
+            raise PadkdError(f"--resume: output_dir '{self.run_dir}' holds no run to resume (no "
+                             "checkpoints/last.pt or best.pt); drop --resume to start it, or set output_dir to "
+                             "the run to continue")
         for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "records"):
             files.remove_stale_temporaries(folder)
         path = resume.checkpoint_path(self.run_dir) if self.resume and holds_run else None
@@ -208,12 +218,32 @@ class Trainer:
     # ------------------------------------------------------------------ main entry
     def run(self) -> RunResult:
         """Train every stage (from the last checkpoint with `resume`) and evaluate; holds the run
-        directory's lock throughout."""
+        directory's lock throughout. A start that fails before config.yaml is written removes what it
+        created (the lock file, the empty output_dir): a failed validation leaves nothing behind."""
         try:
             return self._run()
+        except BaseException:
+            if self.main and not (self.run_dir / "config.yaml").exists():
+                self._lock.release()
+                self._remove_created()
+            raise
         finally:
             self._close_taps()
             self._lock.release()
+
+    def _absent_entries(self) -> list[Path]:
+        """The run directory and its lock file, those of them that do not exist yet (removed again by a
+        start that fails before it writes config.yaml)."""
+        return [p for p in (self.run_dir / rundir.LOCK_NAME, *reversed([self.run_dir, *self.run_dir.parents]))
+                if not p.exists() and not p.is_symlink()]
+
+    def _remove_created(self) -> None:
+        """Remove the lock file and the folders this start created, deepest first, where they are still empty."""
+        for path in sorted(self._leave, key=lambda p: len(p.parts), reverse=True):
+            try:
+                path.unlink() if path.name == rundir.LOCK_NAME else path.rmdir()
+            except OSError:  # not empty (another process wrote there) or gone: leave it
+                pass
 
     def _run(self) -> RunResult:
         cfg = self.cfg
@@ -226,6 +256,8 @@ class Trainer:
                                  "or 'train'")
         student, teacher = self._build_models()
         self.student = student
+        #: What the data gave the models (num_classes, in_channels): saved so an export rebuilds the student.
+        self._model_kwargs = self.task.model_kwargs(self.data)
         if state is not None:
             ckpt.load_state_strict(student, state["student"], self._resumed_from)
             self.progress = Progress(**state["progress"])
@@ -350,7 +382,7 @@ class Trainer:
             example = example_batch(cfg, self.data, self.task.collate, self.train_loader)
             distiller.prepare(example, self.data.info(), self.world, previous)
         try:
-            run = StageRun(stage, distiller, cfg.engine, self.device, self.world, cfg.data.batch_size)
+            run = StageRun(stage, distiller, self.engine, self.device, self.world, cfg.data.batch_size)
         except ValueError as err:
             raise PadkdError(f"{where}: {err}") from None
         if state is not None:
@@ -492,7 +524,8 @@ class Trainer:
         """Write a checkpoint (rank 0); never one that holds NaN/inf weights or state."""
         if not self.main:
             return
-        state = {"model": ckpt.model_spec(self.cfg.student.model), "student": self.student.state_dict(),
+        state = {"model": ckpt.model_spec(self.cfg.student.model), "model_kwargs": self._model_kwargs,
+                 "student": self.student.state_dict(),
                  **run.state_dict(), "progress": vars(self.progress).copy(), "rng": ckpt.rng_state()}
         bad = ckpt.non_finite({"student": state["student"], "terms": state["terms"]})
         if bad is not None:
@@ -505,7 +538,8 @@ class Trainer:
     def _finish(self, student: nn.Module) -> dict[str, Any]:
         progress = self.progress
         final: dict[str, Any] = {"primary_metric": self.task.primary_metric, "best_val": progress.best_metric,
-                                 "best_stage_epoch": progress.best_at}
+                                 "best_stage_epoch": progress.best_at, "engine": {"threads": self.threads,
+                                                                            "precision": self.engine.precision}}
         split = "test" if self.cfg.eval_test else "val"
         final["split"] = split
         if split in self.eval_loaders:

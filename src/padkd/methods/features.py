@@ -268,7 +268,7 @@ class AB(Method):
     `layer_weights: [1, ...]`, `scale: 1`). Maps of different sizes are average-pooled to the smaller one.
     Only the sign of the teacher's value is read, so a post-ReLU teacher tap gives the same targets; the
     student's tap must be a pre-activation (checked at build unless `check_preact: false`).
-    The method is meant for an initialisation stage (see configs/methods/ab.yaml).
+    The method is meant for an initialisation stage (see src/padkd/recipes/methods/ab.yaml).
     """
 
     reference = ("Heo, Lee, Yun, Choi. Knowledge Transfer via Distillation of Activation Boundaries Formed by "
@@ -457,7 +457,7 @@ class FSP(Method):
     torchdistill's sum of unsquared column norms / B is not offered. The paper compares networks of equal
     widths; where the student's channels differ, `connector: auto` (a padkd extension) maps each student
     map with a 1x1 conv to the teacher's width first. The method is meant for an initialisation stage
-    (see configs/methods/fsp.yaml).
+    (see src/padkd/recipes/methods/fsp.yaml).
     """
 
     reference = ("Yim, Joo, Bae, Kim. A Gift from Knowledge Distillation: Fast Optimization, Network Minimization "

@@ -127,6 +127,24 @@ def load_weights_file(model: nn.Module, path: str, what: str) -> None:
     fit_state(model, state, f"{what} '{path}'", "point it at weights of this architecture and class count")
 
 
+def load_student(path: str | Path, **model_kwargs: Any) -> nn.Module:
+    """The student of a padkd export, run checkpoint or run directory as a model in eval mode, built from
+    the registered name and options and the data's fields (`num_classes`, `in_channels`) stored with it;
+    `model_kwargs` give those fields for a file written before padkd stored them."""
+    source = ckpt.resolve(Path(path))
+    state = ckpt.load(source)
+    stored = state.get("model_kwargs")
+    if not isinstance(stored, dict) and not model_kwargs:
+        raise PadkdError(f"'{source}' was written by a padkd that did not store the model's data fields "
+                         "(num_classes, in_channels); pass them: padkd.load_student(path, num_classes=N, "
+                         "in_channels=C), or export a run trained with this padkd")
+    options = {k: v for k, v in state["model"].items() if k != "name"}
+    model = MODELS.create(str(state["model"].get("name")), options, f"'{source}' model",
+                          **{**(stored or {}), **model_kwargs})
+    ckpt.load_state_strict(model, state["student"], f"'{source}'")
+    return model.eval()
+
+
 def classifier_name(model: nn.Module) -> str | None:
     """Module path of the model's last nn.Linear (the classifier of every zoo and torchvision model)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -159,7 +177,8 @@ def import_teacher(source: Path, output: Path, name: str, options: dict[str, Any
            else "check --model (and its --option values) against the architecture the file was trained with")
     fit_state(model, state, f"'{source}' ({layout}) as {name}", fix)
     spec = ckpt.model_spec(Component(name=name, **options))
-    ckpt.save(output, "export", model=spec, student=model.state_dict(), imported_from=str(source))
+    ckpt.save(output, "export", model=spec, student=model.state_dict(), imported_from=str(source),
+              model_kwargs={"in_channels": in_channels, "num_classes": num_classes})
     n_params = sum(p.numel() for p in model.parameters())
     return (f"imported {source} ({layout}) as {name} with {num_classes} classes ({n_params:,} parameters) into "
             f"{output}; use it as teacher: {{model: {spec}, checkpoint: {output}}}")

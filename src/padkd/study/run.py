@@ -18,9 +18,12 @@ from padkd.study.plan import Plan
 
 
 def _worker_init() -> None:
-    import torch
+    """One CPU thread per worker (the pool runs several runs at once): the thread policy's --threads 1."""
+    import os
 
-    torch.set_num_threads(1)
+    from padkd.engine.cpu import ENV
+
+    os.environ[ENV] = "1"
 
 
 def execute(run_dir: str, raw: dict[str, Any], fork_dir: str | None) -> dict[str, Any]:
