@@ -5,6 +5,7 @@ figure's choice of queries."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,21 @@ def test_detection_demo_writes_the_report_and_says_its_data_are_synthetic(
     assert str(tmp_path) not in (tmp_path / "rep" / "report.md").read_text()
     assert reported["last"] == {m: {"0": saved["last"][k]["0"]} for m, k in zip(reported["methods"], saved["last"],
                                                                                  strict=True)}
+
+
+def test_demos_train_on_one_thread_unless_threads_are_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    from padkd.demos import single_thread
+    from padkd.engine.cpu import ENV, choose_threads
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with single_thread():
+        assert choose_threads(4) == (1, "--threads")  # wins over a config's engine.threads, as --threads does
+    assert ENV not in os.environ  # restored
+    monkeypatch.setenv(ENV, "3")
+    with single_thread():
+        assert choose_threads() == (3, "--threads")
+    monkeypatch.delenv(ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with single_thread():
+        assert choose_threads() == (2, "OMP_NUM_THREADS")

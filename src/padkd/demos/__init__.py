@@ -10,6 +10,7 @@ continues it.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import shutil
 import sys
@@ -51,16 +52,19 @@ def command(task: str, out: Path | str, seeds: int | None, quick: bool, *extra: 
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Run the demo's tiny models on one CPU thread (restored afterwards): on a shared machine the hand-offs
-    between intra-op threads cost more than they save (docs/retrieval.md, docs/detection.md)."""
-    import torch
+    """Train the demo's runs on one CPU thread unless `--threads` or OMP_NUM_THREADS says otherwise: the demos'
+    tiny steps run fastest on one thread of a shared machine (docs/speed.md), and a fixed count keeps their
+    numbers bitwise the same per seed, which the idle-core default would not (it follows the machine's load)."""
+    from padkd.engine.cpu import ENV
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    chosen = os.environ.get(ENV) or os.environ.get("OMP_NUM_THREADS")
+    if not chosen:
+        os.environ[ENV] = "1"  # read by every run's Trainer (padkd.engine.cpu.set_threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if not chosen:
+            os.environ.pop(ENV, None)
 
 
 class Runs:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from padkd.demos import Runs, command, fresh_output, progress
+from padkd.demos import Runs, command, fresh_output, progress, single_thread
 from padkd.errors import PadkdError
 
 TEACHER = {"name": "cnn", "widths": [32, 64, 128]}
@@ -91,12 +91,17 @@ def student_config(method: str, seed: int, out: Path, quick: bool) -> dict[str, 
 def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False, overwrite: bool = False,
              resume: bool = False) -> dict[str, Any]:
     """Train the teacher and every student over `seeds` paired seeds; write results.json and the report.
-    `resume`: reuse the finished runs in `out` and continue the interrupted one."""
+    `resume`: reuse the finished runs in `out` and continue the interrupted one. One CPU thread unless
+    `--threads` says otherwise (`padkd.demos.single_thread`)."""
+    with single_thread():
+        return _run(Path(out), seeds, quick, quiet, overwrite, resume)
+
+
+def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
     if seeds < 1:
         raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    out = Path(out)
     fresh_output(out, overwrite, resume)
     start = time.perf_counter()
     say = progress(quiet)
