@@ -45,18 +45,34 @@ def read_elements(root: Path, key: str, term: str = "hint", split: str = "test")
     return {k: np.asarray(v) for k, v in read_csv(paths[-1]).items()}
 
 
-def head_stats(records: dict[str, np.ndarray] | None, term: str = "hint") -> dict[str, float]:
-    """What a PAD head learned on the test split: spread of log d and log σ², ρ(σ², d), mean d."""
+def head_stats(records: dict[str, np.ndarray] | None, term: str | None = "hint") -> dict[str, float]:
+    """What a PAD head (or variance memory) learned: spread of log d and log σ², ρ(σ², d), mean d, over the
+    samples with a learned σ². `term` None: the records' first term."""
     from padkd.report.stats import spearman
 
+    if records is not None and term is None:
+        term = next((k.rsplit(".", 1)[0] for k in records if k.endswith(".discrepancy")), None)
     if records is None or f"{term}.discrepancy" not in records:
         return {}
     d = records[f"{term}.discrepancy"]
     out = {"mean_d": float(d.mean()), "sd_log_d": float(np.log(d[d > 0]).std())}
     if f"{term}.log_var" in records:
         v = records[f"{term}.log_var"]
+        known = np.isfinite(v)  # a variance memory has no σ² for a sample it never saw
+        v, d = v[known], d[known]
         out |= {"sd_log_var": float(v.std()), "rho": spearman(v, d), "mean_log_var": float(v.mean())}
     return out
+
+
+def learned_records(root: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The records that hold a run's learned σ²: the test split's, or the training split's where only those
+    do (a variance memory knows training samples only)."""
+    test = read_records(root, key)
+    if test is not None and not any(k.endswith(".log_var") for k in test):
+        train = read_records(root, key, "train")
+        if train is not None and any(k.endswith(".log_var") for k in train):
+            return train
+    return test
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -75,7 +91,7 @@ def compare(root: Path, row: Row) -> dict[str, Any]:
     out["control_mean"], out["control_std"] = mean_std(out["control"])
     diff, low, high = paired_ci(out["treatment"], out["control"])
     out |= {"diff": diff, "low": low, "high": high, "verdict": verdict(low, high)}
-    stats = [head_stats(read_records(root, row.treatment[s])) for s in seeds]
+    stats = [head_stats(learned_records(root, row.treatment[s]), None) for s in seeds]
     for key in ("mean_d", "sd_log_d", "sd_log_var", "rho", "mean_log_var"):
         vals = [st[key] for st in stats if key in st and st[key] is not None and not math.isnan(st[key])]
         if vals:
