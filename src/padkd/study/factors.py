@@ -352,10 +352,11 @@ def _weighted(term: dict[str, Any], weighting: dict[str, Any]) -> dict[str, Any]
 
 def _stage2_arm(plan: Plan, mode: Mode, source: str, base: dict[str, Any], stage2: list[dict[str, Any]], seeds: int,
                 learned: bool, kw: dict[str, Any]) -> dict[int, str]:
-    """Stage 1 with `base`, stage 2 with `stage2`, per seed; `learned`: also record the training split (σ²)."""
+    """Stage 1 with `base`, stage 2 with `stage2`, per seed; `learned`: also record the training split (σ²), with
+    the control's stage-1 run."""
     records = ("test", "train") if learned else ("test",)
     return {s: plan.add(two_stage(s, source, stage1=[base], stage2=stage2, mode=mode, records=records, **kw),
-                        fork=True) for s in range(seeds)}
+                        fork=True, records={"splits": ["test"]}) for s in range(seeds)}
 
 
 def factor_weightings(plan: Plan, mode: Mode, teacher: str, mnist: tuple[str, str] | None) -> Factor:

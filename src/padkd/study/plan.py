@@ -150,8 +150,10 @@ class Plan:
     specs: dict[str, Spec] = field(default_factory=dict)
 
     def add(self, raw: dict[str, Any], fork: bool = False, deps: tuple[str, ...] = (),
-            resolve: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None) -> str:
-        """Add a run (once per distinct config); `fork`: train its stage 2 from its own stage-1 run."""
+            resolve: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None,
+            records: dict[str, Any] | None = None) -> str:
+        """Add a run (once per distinct config); `fork`: train its stage 2 from its own stage-1 run, whose
+        records are `records` where given (an arm that records more in stage 2 then shares its control's stage 1)."""
         key = config_key(raw)
         if key in self.specs:
             return key
@@ -161,6 +163,8 @@ class Plan:
         if fork and len(raw["stages"]) > 1:
             first = copy.deepcopy(raw)
             first["stages"] = first["stages"][:1]
+            if records is not None:
+                first["records"] = copy.deepcopy(records)
             parent = self.add(first, deps=deps)
             needs += (parent,)
         self.specs[key] = Spec(raw, parent, needs, resolve)
