@@ -138,13 +138,15 @@ def test_the_weightings_factor_pairs_every_weighting_with_its_control_and_the_le
                 for seed, key in r.treatment.items():
                     assert runs.specs[key].fork == runs.specs[r.control[seed]].fork is not None
         elif "single stage:" in label:
-            assert [r.value for r in rows] == crossed
+            assert [r.value for r in rows] == (["no term"] if "hint" in label else []) + crossed
     seeds = {label: len(rows[0].treatment) for label, rows in by_label.items()}
     assert seeds["digits, hint, stage 2: − uniform"] == TINY.ceiling_seeds
     assert seeds["MNIST 1000, hint, stage 2: − uniform"] == min(TINY.seeds, 5)
     dropped = runs.specs[by_label["digits, kd, stage 2: − uniform"][0].treatment[0]].raw
     assert dropped["stages"][1]["terms"] == [] and dropped["stages"][0]["terms"][0]["method"]["name"] == "kd"
-    for row in by_label["digits, hint, single stage: − uniform"]:
+    alone, *weighted = by_label["digits, hint, single stage: − uniform"]
+    assert runs.specs[alone.treatment[0]].raw["stages"][0]["terms"] == []
+    for row in weighted:
         raw = runs.specs[row.treatment[0]].raw
         term = raw["stages"][0]["terms"][0]
         assert term["weighting"] == factors.CROSSED[row.value]  # each at mean-1 weights (preserve_scale, normalize)

@@ -390,14 +390,19 @@ def factor_weightings(plan: Plan, mode: Mode, teacher: str, mnist: tuple[str, st
                 f.rows.append(Row("weightings", name, label, arm, control))
     sgd, cosine = {"name": "sgd", "lr": 0.05}, {"name": "cosine"}
 
-    def single(term: dict[str, Any], learned: bool = False, task_weight: float | None = None) -> dict[int, str]:
+    def single(term: dict[str, Any] | None, learned: bool = False, task_weight: float | None = None
+               ) -> dict[int, str]:
+        """A single stage with `term` (None: no term, the student alone) per seed."""
         records = ("test", "train") if learned else ("test",)
-        return {s: plan.add(single_stage(s, teacher, terms=[term], epochs=mode.e1 + mode.e2, optimizer=sgd,
+        terms = [] if term is None else [term]
+        return {s: plan.add(single_stage(s, teacher, terms=terms, epochs=mode.e1 + mode.e2, optimizer=sgd,
                                          scheduler=cosine, records=records, task_weight=task_weight))
                 for s in range(mode.seeds)}
 
     for method, base in BASES.items():
         control = single(base)
+        if method == "hint":  # the term's worth over the single stage: the student alone (the same for KD)
+            f.rows.append(Row("weightings", "no term", "digits, hint, single stage: − uniform", single(None), control))
         for name, weighting in CROSSED.items():
             f.rows.append(Row("weightings", name, f"digits, {method}, single stage: − uniform",
                               single(_weighted(base, weighting), name in LEARNED), control))
