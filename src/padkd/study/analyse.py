@@ -209,9 +209,15 @@ def _factor_figure(factor: Factor, rows: list[dict[str, Any]], path: Path) -> bo
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("diff") is not None))
     if not labels:
         return False
-    fig = MplFigure(figsize=(min(4.5 * len(labels), 13), 3.8 + 0.3 * (len(labels) > 2)))
-    axes = fig.subplots(1, len(labels), squeeze=False)[0]
-    for ax, label in zip(axes, labels, strict=True):
+    # more than four panels: rows of three, so that the panels keep their width
+    cols = len(labels) if len(labels) <= 4 else 3
+    rows_n = math.ceil(len(labels) / cols)
+    fig = MplFigure(figsize=(min(4.5 * cols, 13), (3.8 + 0.3 * (len(labels) > 2)) * rows_n))
+    grid = fig.subplots(rows_n, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    for ax, label in zip(axes, labels, strict=False):
         chosen = [r for r in rows if r["label"] == label and r.get("diff") is not None]
         for i, r in enumerate(chosen):
             if r.get("low") is not None:
@@ -228,7 +234,8 @@ def _factor_figure(factor: Factor, rows: list[dict[str, Any]], path: Path) -> bo
         ax.set_title(label, fontsize=9)
         ax.set_xlabel(factor.xlabel, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("paired difference, test top-1 (points)", fontsize=8)  # one label: panels sit close
+    for row in grid:  # one label per row: panels sit close
+        row[0].set_ylabel("paired difference, test top-1 (points)", fontsize=8)
     fig.suptitle(factor.title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
