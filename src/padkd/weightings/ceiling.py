@@ -129,9 +129,11 @@ class VarianceMemory(Weighting):
         if inputs.split != "train":  # the memory holds training samples only
             w = torch.ones_like(per_sample) if valid is None else valid.to(per_sample.dtype)
             return WeightedLoss(loss=batch_mean(per_sample, valid), weight=w)
-        if len(index) != len(per_sample) or (len(index) and int(index.max()) >= self.log_var.numel()):
+        if len(index) != len(per_sample):
+            raise ValueError(f"variance_memory got {len(index)} dataset indices for {len(per_sample)} samples")
+        if len(index) and int(index.max()) >= self.log_var.numel():
             raise PadkdError(f"variance_memory holds {self.log_var.numel()} training samples but got indices up to "
-                             f"{int(index.max()) if len(index) else -1}; its size comes from the training split")
+                             f"{int(index.max())}; its size comes from the training split")
         with torch.no_grad():
             scores = per_sample.detach()
             seen = self.seen[index]
