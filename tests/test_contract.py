@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from padkd.batch import Batch, tree_leaves, tree_map
 from padkd.context import BuildContext, DataInfo
-from padkd.discrepancy import Discrepancy
+from padkd.discrepancy import Discrepancy, WeightingInputs
 from padkd.errors import PadkdError
 from padkd.methods import METHODS, Method
 from padkd.validate import parse_checked
@@ -159,6 +159,14 @@ def _embedding(batch_size: int) -> Tensor:
     return torch.randn(batch_size, 6, generator=torch.Generator().manual_seed(2), requires_grad=True)
 
 
+def _inputs(batch: Batch) -> WeightingInputs:
+    """What a classification task supplies to weightings: class logits of both models, labels, indices."""
+    g = torch.Generator().manual_seed(3)
+    n = len(batch)
+    return WeightingInputs(index=batch.index, student_logits=torch.randn(n, NUM_CLASSES, generator=g),
+                           teacher_logits=torch.randn(n, NUM_CLASSES, generator=g) * 3, targets=batch.targets)
+
+
 @pytest.mark.parametrize("weighting", WEIGHTINGS.names())
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_every_weighting_reduces_or_refuses_every_method(name: str, weighting: str) -> None:
@@ -183,7 +191,7 @@ def test_every_weighting_reduces_or_refuses_every_method(name: str, weighting: s
     d = discrepancy(method, s, t, batch)
     emb = _embedding(B)
     w.build(d, emb, ctx)
-    result = w(d, emb)
+    result = w(d, emb, _inputs(batch))
     assert result.loss.dim() == 0 and torch.isfinite(result.loss)
     assert result.weight.shape == (B,)
     valid = d.sample_mask()
@@ -194,7 +202,7 @@ def test_every_weighting_reduces_or_refuses_every_method(name: str, weighting: s
     method2, s2, t2, batch2, _ = make_case(name, batch_size=B - 3, seed=5)
     method2.load_state_dict(method.state_dict())
     d2 = discrepancy(method2, s2, t2, batch2)
-    assert torch.isfinite(w(d2, _embedding(B - 3)).loss)
+    assert torch.isfinite(w(d2, _embedding(B - 3), _inputs(batch2)).loss)
 
 
 def test_pad_per_element_refuses_exchangeable_elements() -> None:

@@ -720,10 +720,10 @@ def test_term_ramps_count_optimizer_steps_under_accumulation(monkeypatch: pytest
     seen: list[tuple[int, int | None]] = []
     forward = Distiller.forward
 
-    def spy(self: Distiller, batch: Any, step: int | None = None) -> Any:
+    def spy(self: Distiller, batch: Any, step: int | None = None, split: str = "train") -> Any:
         if self.training and self.terms:
             seen.append((self._ramps["hint"], step))
-        return forward(self, batch, step)
+        return forward(self, batch, step, split)
 
     monkeypatch.setattr(Distiller, "forward", spy)
     raw = distill_config(tmp_path / "run", stage1_epochs=1, stage2_epochs=1)

@@ -1,4 +1,5 @@
-"""Every example config under src/padkd/recipes/methods trains on digits (shortened) and its distillation loss falls."""
+"""Every example config under src/padkd/recipes/methods and recipes/examples trains on digits (shortened) and its
+distillation loss falls."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from padkd.engine.logging import read_metrics
 from padkd.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "src" / "padkd" / "recipes" / "methods").glob("*.yaml"))
+RECIPES = ROOT / "src" / "padkd" / "recipes"
+CONFIGS = sorted([*(RECIPES / "methods").glob("*.yaml"), *(RECIPES / "examples").glob("*.yaml")])
 TEACHER = {"name": "cnn", "widths": [8, 16, 32]}
 EPOCHS = 3
 #: Methods with a memory of the training set: in their first epoch the memory still holds its random

@@ -16,7 +16,7 @@ from padkd.study import factors, plan, run, run_study
 TINY = plan.Mode("quick", seeds=2, headline_seeds=2, method_seeds=2, e1=1, e2=1, widths=((2, 4),), weights=(30.0,),
                   subsets=(150,), stage2=((1, 0.005),), head_lr=(1.0,), methods=("hint",),
                   weightings=("uniform", "pad"), corruptions=(("noise", 0.1),), mnist_subsets=(), stall_seeds=0,
-                  teacher_epochs=1)
+                  teacher_epochs=1, ceiling_seeds=2)
 
 
 @pytest.fixture
@@ -116,3 +116,64 @@ def test_study_command_smoke(tiny: None, tmp_path: Path, capsys: pytest.CaptureF
     # a rerun reuses every finished run
     assert main(["study", "--mode", "quick", "--out", str(out), "--jobs", "1", "--only", "corrupt"]) == 0
     assert "0 to train" in capsys.readouterr().err
+
+
+def test_the_weightings_factor_pairs_every_weighting_with_its_control_and_the_lever(tiny: None) -> None:
+    runs = plan.Plan()
+    teacher = plan.digits_teacher(runs, TINY)
+    f = factors.factor_weightings(runs, TINY, teacher, ("data", "mnist-teacher"))
+    by_label: dict[str, list[factors.Row]] = {}
+    for row in f.rows:
+        by_label.setdefault(row.label, []).append(row)
+    crossed = list(factors.CROSSED)
+    assert list(by_label) == ["digits, hint, stage 2: − uniform", "digits, kd, stage 2: − uniform",
+                              "MNIST 1000, hint, stage 2: − uniform", "digits, hint, single stage: − uniform",
+                              "digits, kd, single stage: − uniform", "digits, single stage (CE 0.1): − KD"]
+    for label, rows in by_label.items():
+        if "stage 2" in label:
+            assert [r.value for r in rows] == ["no term", *crossed]
+            # one control and one stage-1 run per seed, shared by every arm of that seed
+            assert len({tuple(r.control.values()) for r in rows}) == 1
+            for r in rows:
+                for seed, key in r.treatment.items():
+                    assert runs.specs[key].fork == runs.specs[r.control[seed]].fork is not None
+        elif "single stage:" in label:
+            assert [r.value for r in rows] == (["no term"] if "hint" in label else []) + crossed
+    seeds = {label: len(rows[0].treatment) for label, rows in by_label.items()}
+    assert seeds["digits, hint, stage 2: − uniform"] == TINY.ceiling_seeds
+    assert seeds["MNIST 1000, hint, stage 2: − uniform"] == min(TINY.seeds, 5)
+    dropped = runs.specs[by_label["digits, kd, stage 2: − uniform"][0].treatment[0]].raw
+    assert dropped["stages"][1]["terms"] == [] and dropped["stages"][0]["terms"][0]["method"]["name"] == "kd"
+    alone, *weighted = by_label["digits, hint, single stage: − uniform"]
+    assert runs.specs[alone.treatment[0]].raw["stages"][0]["terms"] == []
+    for row in weighted:
+        raw = runs.specs[row.treatment[0]].raw
+        term = raw["stages"][0]["terms"][0]
+        assert term["weighting"] == factors.CROSSED[row.value]  # each at mean-1 weights (preserve_scale, normalize)
+        assert ("train" in raw["records"]["splits"]) == (row.value in factors.LEARNED)
+    assert factors.CROSSED["pad"]["preserve_scale"] and factors.CROSSED["entropy"]["normalize"]
+    ls = runs.specs[by_label["digits, single stage (CE 0.1): − KD"][0].treatment[0]].raw["stages"][0]
+    control = runs.specs[by_label["digits, single stage (CE 0.1): − KD"][0].control[0]].raw["stages"][0]
+    assert ls["task_weight"] == control["task_weight"] == 0.1
+    assert ls["terms"][0]["method"] == {**control["terms"][0]["method"], "standardize": True}
+    assert "MNIST 1000" not in {r.label.split(",")[0] for r in factors.factor_weightings(
+        plan.Plan(), TINY, teacher, None).rows}
+
+
+def test_memory_statistics_come_from_the_training_records(tmp_path: Path) -> None:
+    from padkd.engine.records import write_csv
+    from padkd.study.analyse import head_stats, learned_records
+
+    rec = tmp_path / "k" / "s0" / "records"
+    rec.mkdir(parents=True)
+    d = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    write_csv({"index": torch.arange(4), "hint.discrepancy": d, "hint.weight": torch.ones(4)},
+              rec / "1-stage2-test.csv")
+    log_var = torch.tensor([0.0, 0.5, 1.0, float("nan")])  # sample 3 never seen
+    write_csv({"index": torch.arange(4), "hint.discrepancy": d, "hint.weight": torch.ones(4),
+               "hint.log_var": log_var}, rec / "1-stage2-train.csv")
+    records = learned_records(tmp_path, "k/s0")
+    assert records is not None and "hint.log_var" in records
+    stats = head_stats(records, None)
+    assert stats["rho"] == pytest.approx(1.0) and stats["sd_log_var"] == pytest.approx(float(torch.tensor(
+        [0.0, 0.5, 1.0]).std(unbiased=False)))

@@ -1,5 +1,6 @@
-"""The contract between methods and weightings: per-sample discrepancies, dim 0 = sample, and the flags
-of a method that a weighting may read (`MethodTraits`). Neither side imports the other."""
+"""The contract between methods and weightings: per-sample discrepancies, dim 0 = sample, the flags
+of a method that a weighting may read (`MethodTraits`), and the task outputs a weighting may read
+(`WeightingInputs`). Neither side imports the other, and no weighting imports a task."""
 
 from __future__ import annotations
 
@@ -93,6 +94,32 @@ class Discrepancy:
         _, mask = self.matrix()
         assert mask is not None
         return mask.any(dim=1)
+
+
+#: The `WeightingInputs` fields that only some tasks supply (`Task.weighting_inputs` names those it does).
+TASK_INPUTS = ("student_logits", "teacher_logits", "targets")
+
+
+@dataclass(frozen=True)
+class WeightingInputs:
+    """What a weighting may read besides the discrepancies, all detached: the samples' dataset `index`
+    (`[B]`, long) in `split`, and, where the task supplies them, the student's and the teacher's class
+    logits `[B, C]` and the class-index `targets` `[B]`. The Distiller fills it; a weighting names the
+    task fields it reads in `Weighting.needs`, and a task that cannot supply one is refused at config check."""
+
+    index: Tensor | None = None
+    split: str = "train"
+    student_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    targets: Tensor | None = None
+
+    def require(self, name: str, who: str) -> Tensor:
+        """Field `name`, or a ValueError naming the weighting `who` that needed it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"weighting '{who}' reads {name.replace('_', ' ')}, which this forward did not "
+                             "supply; pass WeightingInputs from a task that has them (classification)")
+        return value
 
 
 def batch_mean(per_sample: Tensor, valid: Tensor | None = None) -> Tensor:

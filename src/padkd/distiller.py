@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo, Features, StageClock
-from padkd.discrepancy import Discrepancy
+from padkd.discrepancy import Discrepancy, WeightingInputs
 from padkd.errors import PadkdError, did_you_mean
 from padkd.methods.base import Method
 from padkd.taps import OUTPUT, Taps, default_embedding
@@ -175,6 +175,13 @@ class Distiller(nn.Module):
         self.task_weight = task_weight
         self.teacher_train_bn = teacher_train_bn
         self.student_mode = student_mode
+        for t in terms:  # a weighting that reads logits or labels needs a task that has them
+            try:
+                t.weighting.check_inputs(self._caller.weighting_inputs, type(self._caller).__name__)
+            except ValueError as err:
+                raise PadkdError(f"term '{t.name}': {err}") from None
+        #: The task fields some weighting reads (none: no WeightingInputs beyond index and split are made).
+        self._weighting_inputs = frozenset().union(*(t.weighting.needs for t in terms))
         #: Where each PAD-like weighting reads the student embedding (term name → tap path).
         self.embedding_taps = {
             t.name: t.embedding_tap or (default_embedding(student) if embedding == "auto" else embedding)
@@ -311,10 +318,18 @@ class Distiller(nn.Module):
                              "student module instead (e.g. embedding: fc:in)")
         return out
 
-    def forward(self, batch: Batch, step: int | None = None) -> DistillOutput:
+    def _inputs(self, batch: Batch, s_values: dict[str, Any], t_values: dict[str, Any], split: str) -> WeightingInputs:
+        """The detached task outputs the terms' weightings read (only the fields some weighting needs)."""
+        fields = {"student_logits": lambda: s_values[OUTPUT], "teacher_logits": lambda: t_values[OUTPUT],
+                  "targets": lambda: batch.targets}
+        taken = {name: fields[name]().detach() for name in self._weighting_inputs}
+        return WeightingInputs(index=batch.index, split=split, **taken)
+
+    def forward(self, batch: Batch, step: int | None = None, split: str = "train") -> DistillOutput:
         """Losses on `batch`. `step`: the optimizer steps completed in the stage, which drive the terms'
         warm-up ramps (with gradient accumulation, several forwards share one step); None: this distiller
-        counts one step per training forward."""
+        counts one step per training forward. `split`: where `batch` comes from (records of other splits),
+        for weightings that remember training samples by index."""
         if not self._prepared:
             raise RuntimeError("Distiller.prepare(batch) must run once before the first forward")
         if step is not None:
@@ -326,11 +341,12 @@ class Distiller(nn.Module):
         # A zero-weighted task loss (an init stage) is not computed: 0 × an overflowing loss would be NaN.
         if self.task is not None and (self.task_weight != 0 or not self.terms):
             losses["task"] = self.task_weight * self.task.loss(s_values[OUTPUT], batch)
+        inputs = self._inputs(batch, s_values, t_values, split) if self.terms and t_values is not None else None
         for term in self.terms:
             assert t_values is not None
             s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
             d = Discrepancy.of(term.method(s, t, batch))
-            result = term.weighting(d, self._embedding(term, s_values, s))
+            result = term.weighting(d, self._embedding(term, s_values, s), inputs)
             loss = result.loss if d.unweighted is None else result.loss + d.unweighted.float()
             losses[term.name] = term.weight * term.ramped(loss, self.clock.step, self._ramps[term.name])
             records[term.name] = {"discrepancy": d.reduce_elements().detach().float(),

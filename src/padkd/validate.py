@@ -52,6 +52,7 @@ def check_components(cfg: Config) -> None:
             weighting = WEIGHTINGS.create(term.weighting.name, term.weighting.options, f"{where}.weighting")
             try:
                 weighting.check(method)
+                weighting.check_inputs(task.weighting_inputs, cfg.task.name)
             except ValueError as err:
                 raise PadkdError(f"{where}.weighting: {err}") from None
     for split in cfg.records.splits:

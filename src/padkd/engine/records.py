@@ -29,8 +29,9 @@ MAX_RECORDS_BYTES = 1 << 30
 
 
 @torch.no_grad()
-def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[Table, dict[str, Table]]:
-    """Run the distiller in eval mode over `loader`. Returns the per-sample table (one column per quantity,
+def collect(distiller: Distiller, task: Task, loader: Iterable[Batch], split: str = "train"
+            ) -> tuple[Table, dict[str, Table]]:
+    """Run the distiller in eval mode over `loader` (of `split`). Returns the per-sample table (one column per quantity,
     rows sorted by index) and, per term with per-element records, a table with one row per element:
     `element`, then each quantity averaged over the split's samples (`discrepancy`, then the weighting's
     element columns, e.g. PAD's `log_var` and `inv_var`)."""
@@ -41,7 +42,7 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch]) -> tuple[
     count = 0
     try:
         for batch in loader:
-            out = distiller(batch)
+            out = distiller(batch, split=split)
             row = {"index": batch.index} | task.record_columns(out.student, out.teacher, batch)
             for term, rec in out.records.items():
                 row |= {f"{term}.{key}": value for key, value in rec.items()}

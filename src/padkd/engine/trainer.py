@@ -410,7 +410,7 @@ class Trainer:
             for split in cfg.records.splits:
                 loader = make_loader(cfg, self.data, split, train=False, collate=self.task.collate,
                                      device=self.device)
-                table, elements = records.collect(distiller, self.task, loader)
+                table, elements = records.collect(distiller, self.task, loader, split)
                 records.write_csv(table, self.run_dir / "records" / f"{index}-{stage.name}-{split}.csv")
                 for term, per_element in elements.items():
                     records.write_csv(per_element, self.run_dir / "records"

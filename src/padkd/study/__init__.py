@@ -40,7 +40,8 @@ def run_study(out: Path, mode: str = "quick", data_root: str | None = None, jobs
         if seeds < 2:
             raise PadkdError(f"--seeds must be at least 2 (a paired interval needs two pairs), got {seeds}")
         chosen = Mode(**{**chosen.__dict__, "seeds": seeds, "headline_seeds": max(seeds, 2),
-                         "method_seeds": seeds, "stall_seeds": seeds if chosen.stall_seeds else 0})
+                         "method_seeds": seeds, "stall_seeds": seeds if chosen.stall_seeds else 0,
+                         "ceiling_seeds": seeds})
     if jobs < 1:
         raise PadkdError(f"--jobs must be at least 1, got {jobs}")
     if minutes is not None and not minutes > 0:

@@ -45,18 +45,34 @@ def read_elements(root: Path, key: str, term: str = "hint", split: str = "test")
     return {k: np.asarray(v) for k, v in read_csv(paths[-1]).items()}
 
 
-def head_stats(records: dict[str, np.ndarray] | None, term: str = "hint") -> dict[str, float]:
-    """What a PAD head learned on the test split: spread of log d and log σ², ρ(σ², d), mean d."""
+def head_stats(records: dict[str, np.ndarray] | None, term: str | None = "hint") -> dict[str, float]:
+    """What a PAD head (or variance memory) learned: spread of log d and log σ², ρ(σ², d), mean d, over the
+    samples with a learned σ². `term` None: the records' first term."""
     from padkd.report.stats import spearman
 
+    if records is not None and term is None:
+        term = next((k.rsplit(".", 1)[0] for k in records if k.endswith(".discrepancy")), None)
     if records is None or f"{term}.discrepancy" not in records:
         return {}
     d = records[f"{term}.discrepancy"]
     out = {"mean_d": float(d.mean()), "sd_log_d": float(np.log(d[d > 0]).std())}
     if f"{term}.log_var" in records:
         v = records[f"{term}.log_var"]
+        known = np.isfinite(v)  # a variance memory has no σ² for a sample it never saw
+        v, d = v[known], d[known]
         out |= {"sd_log_var": float(v.std()), "rho": spearman(v, d), "mean_log_var": float(v.mean())}
     return out
+
+
+def learned_records(root: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The records that hold a run's learned σ²: the test split's, or the training split's where only those
+    do (a variance memory knows training samples only)."""
+    test = read_records(root, key)
+    if test is not None and not any(k.endswith(".log_var") for k in test):
+        train = read_records(root, key, "train")
+        if train is not None and any(k.endswith(".log_var") for k in train):
+            return train
+    return test
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -75,7 +91,7 @@ def compare(root: Path, row: Row) -> dict[str, Any]:
     out["control_mean"], out["control_std"] = mean_std(out["control"])
     diff, low, high = paired_ci(out["treatment"], out["control"])
     out |= {"diff": diff, "low": low, "high": high, "verdict": verdict(low, high)}
-    stats = [head_stats(read_records(root, row.treatment[s])) for s in seeds]
+    stats = [head_stats(learned_records(root, row.treatment[s]), None) for s in seeds]
     for key in ("mean_d", "sd_log_d", "sd_log_var", "rho", "mean_log_var"):
         vals = [st[key] for st in stats if key in st and st[key] is not None and not math.isnan(st[key])]
         if vals:
@@ -193,9 +209,15 @@ def _factor_figure(factor: Factor, rows: list[dict[str, Any]], path: Path) -> bo
     labels = list(dict.fromkeys(r["label"] for r in rows if r.get("diff") is not None))
     if not labels:
         return False
-    fig = MplFigure(figsize=(min(4.5 * len(labels), 13), 3.8 + 0.3 * (len(labels) > 2)))
-    axes = fig.subplots(1, len(labels), squeeze=False)[0]
-    for ax, label in zip(axes, labels, strict=True):
+    # more than four panels: rows of three, so that the panels keep their width
+    cols = len(labels) if len(labels) <= 4 else 3
+    rows_n = math.ceil(len(labels) / cols)
+    fig = MplFigure(figsize=(min(4.5 * cols, 13), (3.8 + 0.3 * (len(labels) > 2)) * rows_n))
+    grid = fig.subplots(rows_n, cols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    for ax, label in zip(axes, labels, strict=False):
         chosen = [r for r in rows if r["label"] == label and r.get("diff") is not None]
         for i, r in enumerate(chosen):
             if r.get("low") is not None:
@@ -212,7 +234,8 @@ def _factor_figure(factor: Factor, rows: list[dict[str, Any]], path: Path) -> bo
         ax.set_title(label, fontsize=9)
         ax.set_xlabel(factor.xlabel, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("paired difference, test top-1 (points)", fontsize=8)  # one label: panels sit close
+    for row in grid:  # one label per row: panels sit close
+        row[0].set_ylabel("paired difference, test top-1 (points)", fontsize=8)
     fig.suptitle(factor.title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -315,8 +315,106 @@ def factor_stall(plan: Plan, mode: Mode, mnist: tuple[str, str]) -> Factor:
     return f
 
 
+#: The per-sample weightings the `weightings` factor crosses with its base methods, each at the control's scale
+#: (weights of mean 1 in the batch): PAD by `preserve_scale` and without its warm-up ramp (which would scale the
+#: term too), EA-KD and WSLD by `normalize`; the others are mean 1 by construction.
+CROSSED: dict[str, dict[str, Any]] = {
+    "pad": {**PAD, "preserve_scale": True, "warmup_steps": 0},
+    "variance_memory": {"name": "variance_memory"},
+    "inverse_discrepancy": {"name": "inverse_discrepancy"},
+    "entropy": {"name": "entropy", "normalize": True},
+    "wsld": {"name": "wsld", "normalize": True},
+    "focal": {"name": "focal"},
+    "ohem": {"name": "ohem"},
+}
+#: Weightings whose records carry a learned log σ²: their arms also record the training split.
+LEARNED = ("pad", "variance_memory")
+#: The base terms of the `weightings` factor (KD as in `base`, the hint at its base weight).
+BASES: dict[str, dict[str, Any]] = {"hint": hint(HINT_WEIGHT),
+                                    "kd": {"name": "kd", "method": {"name": "kd", "temperature": 4.0}, "weight": 1.0}}
+#: The logit methods against plain KD over one schedule: (label, term, control term), both at the method
+#: recipe's cross-entropy weight 0.1 (recipes/methods), so that each row changes one thing.
+LOGIT_METHODS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
+    ("KD + LS (T 2, w 9)",
+     {"name": "kd", "method": {"name": "kd", "temperature": 2.0, "standardize": True}, "weight": 9.0},
+     {"name": "kd", "method": {"name": "kd", "temperature": 2.0}, "weight": 9.0}),
+    ("CTKD (global, cosine)", {"name": "ctkd", "method": {"name": "ctkd", "mode": "global", "curriculum": "cosine",
+                                                          "curriculum_epochs": 10}, "weight": 0.9},
+     {"name": "kd", "method": {"name": "kd", "temperature": 4.0}, "weight": 0.9}),
+    ("MLKD", {"name": "mlkd", "method": {"name": "mlkd", "temperatures": [2.0, 3.0, 4.0, 5.0, 6.0], "mask": "code"},
+              "weight": 0.9}, {"name": "kd", "method": {"name": "kd", "temperature": 4.0}, "weight": 0.9}),
+)
+
+
+def _weighted(term: dict[str, Any], weighting: dict[str, Any]) -> dict[str, Any]:
+    return {**copy.deepcopy(term), "weighting": copy.deepcopy(weighting)}
+
+
+def _stage2_arm(plan: Plan, mode: Mode, source: str, base: dict[str, Any], stage2: list[dict[str, Any]], seeds: int,
+                learned: bool, kw: dict[str, Any]) -> dict[int, str]:
+    """Stage 1 with `base`, stage 2 with `stage2`, per seed; `learned`: also record the training split (σ²), with
+    the control's stage-1 run."""
+    records = ("test", "train") if learned else ("test",)
+    return {s: plan.add(two_stage(s, source, stage1=[base], stage2=stage2, mode=mode, records=records, **kw),
+                        fork=True, records={"splits": ["test"]}) for s in range(seeds)}
+
+
+def factor_weightings(plan: Plan, mode: Mode, teacher: str, mnist: tuple[str, str] | None) -> Factor:
+    f = Factor("weightings", "Is it the head or the principle? Every per-sample weighting, its lever and its ceiling",
+               "Each per-sample weighting at the control's scale (mean-1 weights; PAD with `preserve_scale` and no "
+               "ramp) on KD and the L2 hint: in stage 2 against uniform continued (epoch-matched, paired seeds), "
+               "beside an arm that drops the term in stage 2 (the lever: if it too matches the control, stage 2 "
+               "cannot show a weighting's effect); from the first step of a single stage (45 epochs, SGD 0.05, "
+               "cosine) against uniform; the hint on 1,000 MNIST images (the probe's LeNet teacher), where the "
+               "term is worth far more; and LS, CTKD and MLKD against plain KD over one schedule. "
+               "`inverse_discrepancy` (w ∝ 1/d) and `variance_memory` (one free σ² per training sample) are PAD's "
+               "optimum without a head: its ceiling.", xlabel="weighting")
+    settings: list[tuple[str, str, dict[str, Any], int, tuple[str, ...]]] = [
+        ("digits", teacher, {}, mode.ceiling_seeds, ("hint", "kd"))]
+    if mnist is not None:
+        root, mteacher = mnist
+        data = {"name": "mnist", "root": root, "val_size": 1000, "train_subset": 1000, "batch_size": 64}
+        # 15 steps per epoch: half the data factor's epochs (about 250 + 125 steps), for time
+        settings.append(("MNIST 1000", mteacher, {"data": data, "e1": max(2, mode.e1 // 2 + 2),
+                                                   "e2": max(1, mode.e2 // 2), "teacher_model": PROBE_TEACHER},
+                         min(mode.seeds, 5), ("hint",)))
+    for where, source, kw, seeds, methods in settings:
+        for method in methods:
+            base = BASES[method]
+            control = _stage2_arm(plan, mode, source, base, [base], seeds, False, kw)
+            label = f"{where}, {method}, stage 2: − uniform"
+            dropped = _stage2_arm(plan, mode, source, base, [], seeds, False, kw)
+            f.rows.append(Row("weightings", "no term", label, dropped, control))
+            for name, weighting in CROSSED.items():
+                arm = _stage2_arm(plan, mode, source, base, [_weighted(base, weighting)], seeds, name in LEARNED, kw)
+                f.rows.append(Row("weightings", name, label, arm, control))
+    sgd, cosine = {"name": "sgd", "lr": 0.05}, {"name": "cosine"}
+
+    def single(term: dict[str, Any] | None, learned: bool = False, task_weight: float | None = None
+               ) -> dict[int, str]:
+        """A single stage with `term` (None: no term, the student alone) per seed."""
+        records = ("test", "train") if learned else ("test",)
+        terms = [] if term is None else [term]
+        return {s: plan.add(single_stage(s, teacher, terms=terms, epochs=mode.e1 + mode.e2, optimizer=sgd,
+                                         scheduler=cosine, records=records, task_weight=task_weight))
+                for s in range(mode.seeds)}
+
+    for method, base in BASES.items():
+        control = single(base)
+        if method == "hint":  # the term's worth over the single stage: the student alone (the same for KD)
+            f.rows.append(Row("weightings", "no term", "digits, hint, single stage: − uniform", single(None), control))
+        for name, weighting in CROSSED.items():
+            f.rows.append(Row("weightings", name, f"digits, {method}, single stage: − uniform",
+                              single(_weighted(base, weighting), name in LEARNED), control))
+    for label, term, control_term in LOGIT_METHODS:
+        f.rows.append(Row("weightings", label, "digits, single stage (CE 0.1): − KD", single(term, task_weight=0.1),
+                          single(control_term, task_weight=0.1)))
+    return f
+
+
 #: In the order they are planned and trained (the most telling first, so a cut-short study has them).
-FACTORS = ("base", "form", "corrupt", "stall", "single", "head", "gap", "stage2", "weight", "data", "methods")
+FACTORS = ("base", "form", "corrupt", "stall", "single", "head", "gap", "stage2", "weight", "data", "methods",
+           "weightings")
 
 
 def build_plan(mode: Mode, data_root: str | None, only: list[str] | None) -> tuple[Plan, list[Factor]]:
@@ -338,6 +436,8 @@ def build_plan(mode: Mode, data_root: str | None, only: list[str] | None) -> tup
                 factors.append(factor_stall(plan, mode, mnist))
         elif name == "data":
             factors.append(factor_data(plan, mode, teacher, mnist))
+        elif name == "weightings":
+            factors.append(factor_weightings(plan, mode, teacher, mnist))
         else:
             factors.append(globals()[f"factor_{name}"](plan, mode, teacher))
     return plan, factors

@@ -57,6 +57,8 @@ class Mode:
     mnist_subsets: tuple[int, ...]
     stall_seeds: int
     teacher_epochs: int = 20
+    #: Seeds of the `weightings` factor's stage-2 comparisons on digits (its intervals are the narrowest asked for).
+    ceiling_seeds: int = 8
 
 
 MODES = {
@@ -64,7 +66,7 @@ MODES = {
                   widths=((4, 8), (4, 32)), weights=(1.0, 30.0), subsets=(150, None),
                   stage2=((5, 0.005), (5, 0.05)), head_lr=(1.0, 100.0), methods=("hint", "kd"),
                   weightings=("uniform", "pad", "ohem", "softmax_easy"), corruptions=(("noise", 0.1),),
-                  mnist_subsets=(), stall_seeds=0),
+                  mnist_subsets=(), stall_seeds=0, ceiling_seeds=3),
     "full": Mode("full", seeds=6, headline_seeds=10, method_seeds=5, e1=30, e2=15,
                  widths=((4, 8), (4, 16), (4, 32), (8, 64)), weights=(1.0, 10.0, 30.0, 100.0),
                  subsets=(150, 400, None), stage2=((5, 0.005), (15, 0.005), (45, 0.005), (15, 0.0005), (15, 0.05)),
@@ -99,14 +101,19 @@ def two_stage(seed: int, teacher: str | None, *, stage1: list[dict[str, Any]], s
 
 def single_stage(seed: int, teacher: str, *, terms: list[dict[str, Any]], epochs: int,
                  optimizer: dict[str, Any], scheduler: dict[str, Any], data: dict[str, Any] | None = None,
-                 student: dict[str, Any] | None = None, teacher_model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One stage of `epochs` with its own optimizer and schedule; data and networks default to the base setting."""
+                 student: dict[str, Any] | None = None, teacher_model: dict[str, Any] | None = None,
+                 records: tuple[str, ...] = ("test",), task_weight: float | None = None) -> dict[str, Any]:
+    """One stage of `epochs` with its own optimizer and schedule; data and networks default to the base setting.
+    `task_weight`: the cross-entropy's weight beside the terms (None: the default 1)."""
+    stage = {"name": "single", "epochs": epochs, "optimizer": copy.deepcopy(optimizer),
+             "scheduler": copy.deepcopy(scheduler), "terms": copy.deepcopy(terms)}
+    if task_weight is not None:
+        stage["task_weight"] = task_weight
     return {"name": "study", "output_dir": "", "seed": seed, "data": copy.deepcopy(data or DIGITS),
-            "student": {"model": copy.deepcopy(student or STUDENT)}, "records": {"splits": ["test"]},
+            "student": {"model": copy.deepcopy(student or STUDENT)}, "records": {"splits": list(records)},
             "log": dict(QUIET_LOG),
             "teacher": {"model": copy.deepcopy(teacher_model or TEACHER), "checkpoint": teacher},
-            "stages": [{"name": "single", "epochs": epochs, "optimizer": copy.deepcopy(optimizer),
-                        "scheduler": copy.deepcopy(scheduler), "terms": copy.deepcopy(terms)}]}
+            "stages": [stage]}
 
 
 def teacher_config(data: dict[str, Any], model: dict[str, Any], epochs: int,
@@ -143,8 +150,10 @@ class Plan:
     specs: dict[str, Spec] = field(default_factory=dict)
 
     def add(self, raw: dict[str, Any], fork: bool = False, deps: tuple[str, ...] = (),
-            resolve: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None) -> str:
-        """Add a run (once per distinct config); `fork`: train its stage 2 from its own stage-1 run."""
+            resolve: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None,
+            records: dict[str, Any] | None = None) -> str:
+        """Add a run (once per distinct config); `fork`: train its stage 2 from its own stage-1 run, whose
+        records are `records` where given (an arm that records more in stage 2 then shares its control's stage 1)."""
         key = config_key(raw)
         if key in self.specs:
             return key
@@ -154,6 +163,8 @@ class Plan:
         if fork and len(raw["stages"]) > 1:
             first = copy.deepcopy(raw)
             first["stages"] = first["stages"][:1]
+            if records is not None:
+                first["records"] = copy.deepcopy(records)
             parent = self.add(first, deps=deps)
             needs += (parent,)
         self.specs[key] = Spec(raw, parent, needs, resolve)

@@ -46,6 +46,9 @@ class Task:
     #: Student tap paths that `teacher_forward` reads (the Distiller taps them whenever the teacher runs),
     #: e.g. a detector's `transform`, whose resized and padded images the teacher's backbone takes.
     student_taps: frozenset[str] = frozenset()
+    #: The task-dependent `padkd.discrepancy.WeightingInputs` fields its outputs supply to weightings
+    #: (`student_logits`/`teacher_logits`: the models' outputs are class logits `[B, C]`; `targets`: class indices).
+    weighting_inputs: frozenset[str] = frozenset()
 
     def model_kwargs(self, data: DataSplits) -> dict[str, Any]:
         """The `model_fields` values for this data set."""

@@ -48,6 +48,7 @@ class Classification(Task):
     """Image classification: cross-entropy (optional label smoothing); top-1 selects the best checkpoint."""
 
     primary_metric = "top1"
+    weighting_inputs = frozenset({"student_logits", "teacher_logits", "targets"})
     model_fields = frozenset({"in_channels", "num_classes"})
 
     def __init__(self, label_smoothing: float = 0.0) -> None:

@@ -1,7 +1,8 @@
 """The weighting contract: a weighting reduces per-sample discrepancies to one scalar loss.
 
 A weighting knows the method it weights only through the flags of `padkd.discrepancy.MethodTraits`
-(its unit and the meaning of its elements), never the method itself, so the two axes stay independent.
+(its unit and the meaning of its elements), never the method itself, so the two axes stay independent;
+it knows the task only through the detached `padkd.discrepancy.WeightingInputs` the Distiller passes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from padkd.discrepancy import Discrepancy, MethodTraits, batch_mean, valid_count
+from padkd.discrepancy import Discrepancy, MethodTraits, WeightingInputs, batch_mean, valid_count
 from padkd.registry import Registry
 
 if TYPE_CHECKING:
@@ -36,10 +37,14 @@ class WeightedLoss:
 
 
 class Weighting(nn.Module):
-    """Base class: `forward(d, embedding)` → WeightedLoss. `embedding` is only read by learned weightings."""
+    """Base class: `forward(d, embedding, inputs)` → WeightedLoss. `embedding` is only read by learned
+    weightings, `inputs` (task outputs, dataset indices) only by those that say so in `needs`."""
 
     #: True when the weighting reads a student embedding (the Distiller then taps one).
     needs_embedding: bool = False
+    #: The task-supplied `WeightingInputs` fields the weighting reads (of `TASK_INPUTS`; the dataset index
+    #: and split are always supplied). A task whose `weighting_inputs` lack one is refused at config check.
+    needs: frozenset[str] = frozenset()
     #: True for weightings that leave the batch mean as it is, the only ones a batch-level method allows.
     accepts_batch_level: bool = False
     #: Optimizer steps over which the term ramps in when its config sets no warm-up (PAD's safety ramp);
@@ -57,6 +62,13 @@ class Weighting(nn.Module):
             raise ValueError(f"method '{type(method).__name__}' is batch-level (its loss does not split into "
                              f"per-sample parts): only weighting 'uniform' applies{fix}")
 
+    def check_inputs(self, supplied: frozenset[str], task: str) -> None:
+        """Refuse a task that does not supply the inputs in `needs` (ValueError naming the fix)."""
+        missing = sorted(self.needs - supplied)
+        if missing:
+            raise ValueError(f"the weighting reads the {', '.join(missing)} of each sample, which task '{task}' does "
+                             "not supply; use it with a classification task or choose another weighting")
+
     def build(self, d: Discrepancy, embedding: Tensor | None, ctx: BuildContext | None = None) -> None:
         """Create shape-dependent parameters from an example batch (before the optimizer exists)."""
 
@@ -66,8 +78,10 @@ class Weighting(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         return [("weighting", params, 1.0)] if params else []
 
-    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None,
+                inputs: WeightingInputs | None = None) -> WeightedLoss:
         raise NotImplementedError
+
 
 
 class SampleWeighting(Weighting):
@@ -76,7 +90,13 @@ class SampleWeighting(Weighting):
     `granularity: element` weighs the elements instead (the locations of a detection feature map, the
     tokens of a sequence): `loss = mean_i reduce_e(w_ie d_ie)` with the weights computed from every valid
     element of the batch and normalised to mean 1 over them, so weights of 1 give the uniform loss. Its
-    `weight` column is a sample's mean element weight, normalised to mean 1 over the samples."""
+    `weight` column is a sample's mean element weight, normalised to mean 1 over the samples.
+
+    `normalize = False` (a published scheme whose weights carry their own scale, EA-KD, WSLD) keeps the raw
+    weights in the loss, `loss = mean_i w_i d_i`; the `weight` column is still normalised to mean 1."""
+
+    #: Whether the loss uses the weights normalised to mean 1 (a subclass or its options may say not).
+    normalize: bool = True
 
     def __init__(self, granularity: Literal["sample", "element"] = "sample") -> None:
         super().__init__()
@@ -88,7 +108,13 @@ class SampleWeighting(Weighting):
         """Unnormalised, non-negative weights for discrepancies `d` (detached, 1-d: samples or elements)."""
         raise NotImplementedError
 
-    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+    def sample_weights(self, d: Tensor, inputs: WeightingInputs | None) -> Tensor:
+        """Unnormalised per-sample weights; a weighting that reads task outputs overrides this (default:
+        `weights(d)`, from the discrepancies alone)."""
+        return self.weights(d)
+
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None,
+                inputs: WeightingInputs | None = None) -> WeightedLoss:
         d = Discrepancy.of(d)
         if self.granularity == "element" and d.value.dim() == 2:
             return self._per_element(d)
@@ -100,13 +126,13 @@ class SampleWeighting(Weighting):
             scores = per_sample.detach()
             if valid is not None:
                 scores = torch.where(valid, scores, scores.new_zeros(()))
-            w = self.weights(scores)
+            raw = self.sample_weights(scores, inputs).float()
             if valid is not None:
-                w = w * valid.to(w.dtype)
-            total = w.sum()
-            uniform = torch.ones_like(w) if valid is None else valid.to(w.dtype)
-            w = torch.where(total > 0, w * n / total.clamp_min(1e-30), uniform)
-        loss = (w * per_sample).sum() / n.clamp_min(1.0)
+                raw = raw * valid.to(raw.dtype)
+            total = raw.sum()
+            uniform = torch.ones_like(raw) if valid is None else valid.to(raw.dtype)
+            w = torch.where(total > 0, raw * n / total.clamp_min(1e-30), uniform)
+        loss = ((w if self.normalize else raw) * per_sample).sum() / n.clamp_min(1.0)
         return WeightedLoss(loss=loss, weight=w)
 
     def _per_element(self, d: Discrepancy) -> WeightedLoss:

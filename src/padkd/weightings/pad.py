@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from padkd.discrepancy import Discrepancy, MethodTraits, batch_mean
+from padkd.discrepancy import Discrepancy, MethodTraits, WeightingInputs, batch_mean
 from padkd.errors import PadkdError
 from padkd.weightings.base import WEIGHTINGS, WeightedLoss, Weighting
 from padkd.weightings.heads import DimensionHead, Layout, LinearHead, MapsHead, VarianceHead, pooled
@@ -155,7 +155,8 @@ class PAD(Weighting):
             s = s.clamp(self.clamp[0], self.clamp[1])
         return s
 
-    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None) -> WeightedLoss:
+    def forward(self, d: Tensor | Discrepancy, embedding: Tensor | None = None,
+                inputs: WeightingInputs | None = None) -> WeightedLoss:
         d = Discrepancy.of(d)
         if embedding is None and self.needs_embedding:
             raise ValueError("PAD needs the student embedding: call pad(d, embedding)")
