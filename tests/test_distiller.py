@@ -667,3 +667,23 @@ def test_a_tap_overwritten_by_an_in_place_op_is_an_error_and_copy_keeps_it():
     preact = copying.values(None)["1:copy"]
     torch.testing.assert_close(preact, model[1](model[0](x)))
     assert (preact < 0).any()  # the pre-activation, not the ReLU's output
+
+
+def test_a_weighting_with_the_two_argument_forward_still_works():
+    """Plugins written before `inputs` existed define forward(d, embedding): the Distiller calls them so."""
+    from padkd.discrepancy import Discrepancy
+    from padkd.weightings import WeightedLoss, Weighting
+
+    class Halves(Weighting):
+        def forward(self, d, embedding=None):
+            per_sample = Discrepancy.of(d).reduce_elements()
+            return WeightedLoss(loss=0.5 * per_sample.mean(), weight=torch.ones_like(per_sample))
+
+    torch.manual_seed(3)
+    teacher, student = teacher_mlp(), student_mlp()
+    b = mlp_batch()
+    plain = Distiller(student, teacher, terms=[Term("kd", KD())])
+    halved = Distiller(student, teacher, terms=[Term("kd", KD(), Halves())])
+    plain.prepare(b)
+    halved.prepare(b)
+    torch.testing.assert_close(halved(b).losses["kd"], 0.5 * plain(b).losses["kd"])

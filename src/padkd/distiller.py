@@ -346,7 +346,10 @@ class Distiller(nn.Module):
             assert t_values is not None
             s, t = _gather(s_values, term.student_tap), _gather(t_values, term.teacher_tap)
             d = Discrepancy.of(term.method(s, t, batch))
-            result = term.weighting(d, self._embedding(term, s_values, s), inputs)
+            embedding = self._embedding(term, s_values, s)
+            weighting = term.weighting
+            result = (weighting(d, embedding, inputs) if weighting.reads_inputs or weighting.needs
+                      else weighting(d, embedding))
             loss = result.loss if d.unweighted is None else result.loss + d.unweighted.float()
             losses[term.name] = term.weight * term.ramped(loss, self.clock.step, self._ramps[term.name])
             records[term.name] = {"discrepancy": d.reduce_elements().detach().float(),

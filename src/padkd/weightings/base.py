@@ -45,6 +45,9 @@ class Weighting(nn.Module):
     #: The task-supplied `WeightingInputs` fields the weighting reads (of `TASK_INPUTS`; the dataset index
     #: and split are always supplied). A task whose `weighting_inputs` lack one is refused at config check.
     needs: frozenset[str] = frozenset()
+    #: True when `forward` takes the `inputs` argument (set for every weighting with `needs`); the Distiller
+    #: calls the others as `forward(d, embedding)`, so a plugin written before `inputs` existed still works.
+    reads_inputs: bool = False
     #: True for weightings that leave the batch mean as it is, the only ones a batch-level method allows.
     accepts_batch_level: bool = False
     #: Optimizer steps over which the term ramps in when its config sets no warm-up (PAD's safety ramp);

@@ -63,6 +63,8 @@ class VarianceMemory(Weighting):
     split carry each sample's `log_var`; other splits are weighted uniformly (the memory knows no test sample).
     """
 
+    reads_inputs = True
+
     def __init__(self, update: Literal["nll", "ema"] = "nll", lr: float = 0.5, momentum: float = 0.9,
                  preserve_scale: bool = True, log_var_floor: float | None = DEFAULT_LOG_VAR_FLOOR,
                  eps: float = 1e-6) -> None:
