@@ -564,7 +564,9 @@ def test_every_registered_dataset_is_covered() -> None:
     new one must add its own."""
     retrieval = {"cub200", "cars196", "sop", "digits_retrieval", "mnist_retrieval"}  # tests/test_retrieval.py
     detection = {"coco", "voc"}  # tests/test_detection.py
-    assert set(DATASETS.names()) == {"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval | detection
+    text = {"text", "python_stdlib"}  # tests/test_data_text.py
+    assert set(DATASETS.names()) == ({"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval | detection
+                                     | text)
 
 
 def cifar_config(data_root: Path, run_dir: Path, **data: object) -> dict[str, object]:

@@ -430,6 +430,14 @@ def test_resume_mid_epoch_of_a_plain_run_matches(tmp_path: Path, plain_config) -
     assert epoch_events(tmp_path / "b") == epoch_events(tmp_path / "a")
 
 
+def test_resume_of_a_start_killed_before_its_first_checkpoint_starts_it_over(tmp_path: Path, plain_config) -> None:
+    reference = run(plain_config(tmp_path / "a"))
+    killed = tmp_path / "b"
+    killed.mkdir()  # what a kill -9 between config.yaml and the first checkpoint leaves
+    (killed / "config.yaml").write_bytes((tmp_path / "a" / "config.yaml").read_bytes())
+    assert Trainer(parse_config(plain_config(killed)), resume=True, quiet=True).run().final == reference
+
+
 def test_resume_without_checkpoint_is_refused_and_writes_nothing(tmp_path: Path, plain_config) -> None:
     with pytest.raises(PadkdError, match="holds no run to resume"):  # never a fresh run in the wrong place
         Trainer(parse_config(plain_config(tmp_path / "b")), resume=True, quiet=True).run()

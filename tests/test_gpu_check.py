@@ -118,7 +118,7 @@ def test_dry_run_writes_a_summary_of_every_step(tmp_path: Path) -> None:
                                       "finite losses, run finished")
     speed = summary["speed"]
     assert speed["settings"]["device"] == "cpu" and speed["settings"]["teacher"] == "resnet8"
-    assert set(speed["pipeline"]) == {"padkd fp32", "padkd best", "student alone"}
+    assert set(speed["pipeline"]) == {"padkd fp32", "padkd best", "padkd bf16", "student alone"}
     assert all(r["images_per_s"] > 0 and r["cuda_peak_mb"] is None for r in speed["pipeline"].values())
     alone, kd = speed["pipeline"]["student alone"]["images_per_s"], speed["pipeline"]["padkd fp32"]["images_per_s"]
     assert speed["ratios"]["kd_over_student_alone"] == pytest.approx(alone / kd)

@@ -170,12 +170,18 @@ class Trainer:
         """Rank 0's part of `_resume_state`; sets the `resume` event to record."""
         rundir.check(self.run_dir, self.resume)  # before the lock file is created
         self._leave = self._absent_entries()
+        # A start killed before its first checkpoint leaves its lock file or config.yaml (check() refuses
+        # anything else): --resume starts that run over; a directory without a trace holds nothing to resume.
+        started = self.run_dir.is_dir() and any(self.run_dir.iterdir())
         self._lock.acquire()
         holds_run = rundir.check(self.run_dir, self.resume)
-        if self.resume and not holds_run:  # the lock file and the folders made for it are removed again
+        if self.resume and not holds_run and not started:  # the lock file and folders made for it are removed
             raise PadkdError(f"--resume: output_dir '{self.run_dir}' holds no run to resume (no "
                              "checkpoints/last.pt or best.pt); drop --resume to start it, or set output_dir to "
                              "the run to continue")
+        if self.resume and not holds_run:
+            log.warning("--resume: the run in %s was stopped before its first checkpoint: starting it from the "
+                        "beginning", self.run_dir)
         for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "records"):
             files.remove_stale_temporaries(folder)
         path = resume.checkpoint_path(self.run_dir) if self.resume and holds_run else None
