@@ -8,9 +8,9 @@ the PAD paper argues against; their weights are detached and normalised to mean 
 
 from padkd.weightings.base import WEIGHTINGS, SampleWeighting, Uniform, WeightedLoss, Weighting
 from padkd.weightings.hard_mining import OHEM, DiscardHardest, Focal, Polynomial, SoftmaxEasy, SoftmaxHard
-from padkd.weightings.heads import DimensionHead, LinearHead, MapsHead, VarianceHead, pooled
+from padkd.weightings.heads import DimensionHead, LinearHead, MapsHead, TokenHead, VarianceHead, pooled
 from padkd.weightings.pad import DEFAULT_LOG_VAR_FLOOR, DEFAULT_WARMUP_STEPS, PAD
 
 __all__ = ["WEIGHTINGS", "Weighting", "WeightedLoss", "SampleWeighting", "Uniform", "Focal", "OHEM", "SoftmaxHard",
            "SoftmaxEasy", "Polynomial", "DiscardHardest", "PAD", "DEFAULT_LOG_VAR_FLOOR", "DEFAULT_WARMUP_STEPS",
-           "VarianceHead", "LinearHead", "MapsHead", "DimensionHead", "pooled"]
+           "VarianceHead", "LinearHead", "MapsHead", "DimensionHead", "TokenHead", "pooled"]
