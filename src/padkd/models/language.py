@@ -94,6 +94,7 @@ def hf_causal_lm(vocab_size: int, path: str, dtype: Literal["float32", "bfloat16
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise PadkdError(f"model.path: '{path}' holds no config.json; give a folder written by save_pretrained")
+    tf.utils.logging.disable_progress_bar()  # padkd's own output stays one line per event
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
