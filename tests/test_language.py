@@ -153,7 +153,7 @@ def test_cached_top_k_is_the_divergence_of_the_coarsened_distributions() -> None
 def test_cache_at_another_temperature_is_refused() -> None:
     s, t, batch = one_token(S_PROBS, T_PROBS)
     values, indices = t.topk(3, dim=-1)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(PadkdError, match="temperature"):
         METHODS.create("forward_kl", {"temperature": 2.0})(s, TopK(values, indices, t.logsumexp(-1)), batch)
 
 

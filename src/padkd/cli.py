@@ -1,4 +1,4 @@
-"""`padkd` console script: train, eval, export, import-teacher, list, demo, report, study.
+"""`padkd` console script: train, eval, export, import-teacher, cache-teacher, list, demo, report, study.
 
 User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
 2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
@@ -89,6 +89,33 @@ def _is_run_checkpoint(path: Path) -> bool:
         return ckpt.load(path).get("kind") == "run"
     except PadkdError:
         return False
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from padkd.assemble import make_data, make_model, make_task, resolve_device
+    from padkd.engine.loaders import make_loader
+    from padkd.lmcache import TeacherCacheWriter
+    from padkd.tasks.language import LanguageModeling, write_teacher_cache
+    from padkd.validate import load_checked
+
+    cfg = load_checked(args.config, args.overrides)
+    task = make_task(cfg.task)
+    if not isinstance(task, LanguageModeling) or task.teacher_cache is None or cfg.teacher is None:
+        raise PadkdError("cache-teacher: the config needs task language_modeling with task.teacher_cache (the folder "
+                         "to write) and a teacher (teacher.model, teacher.checkpoint)")
+    data = make_data(cfg)
+    device = resolve_device(cfg.device)
+    teacher = make_model(cfg.teacher, data, task, "teacher").to(device)
+    loader = make_loader(cfg, data, "train", train=False, collate=task.collate, device=device)
+    if args.k is not None and args.k < 1:
+        raise PadkdError(f"--k {args.k}: keep at least one logit per token (e.g. --k 32)")
+    k = min(args.k or task.cache_k, data.num_classes or 1)
+    first = next(iter(loader))
+    with TeacherCacheWriter(task.teacher_cache, n_items=len(data.split("train")), seq_len=first.targets.shape[1],
+                            k=k, identity=task.cache_identity(teacher, data)) as writer:
+        count = write_teacher_cache(teacher, loader, writer, k, task.cache_temperature)
+    print(f"cached the teacher's top-{k} logits of {count} training sequences in {task.teacher_cache}")
+    return 0
 
 
 def _defaults(factory: object) -> str:
@@ -212,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model of a distiller checkpoint (mdistiller's latest/best; default student)")
     p.add_argument("-o", "--output", required=True, help="where to write the padkd export")
     p.set_defaults(func=_cmd_import_teacher)
+
+    p = sub.add_parser("cache-teacher", help="run a language run's teacher once over the training split and store "
+                       "its top-k logits in task.teacher_cache (offline KD)")
+    p.add_argument("config", help="the distillation config (task language_modeling with teacher_cache)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--k", type=int, help="logits kept per token (default task.cache_k; at most the vocabulary)")
+    p.set_defaults(func=_cmd_cache_teacher)
 
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["methods", "weightings", "models", "datasets", "tasks", "samplers"])

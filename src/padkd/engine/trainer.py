@@ -226,7 +226,7 @@ class Trainer:
                                  "or 'train'")
         student, teacher = self._build_models()
         self.student = student
-        self.task.use_teacher(teacher)
+        self.task.use_teacher(teacher, self.data)
         if state is not None:
             ckpt.load_state_strict(student, state["student"], self._resumed_from)
             self.progress = Progress(**state["progress"])

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from padkd.batch import Batch
 from padkd.context import BuildContext, Features
 from padkd.discrepancy import Discrepancy
+from padkd.errors import PadkdError
 from padkd.methods.base import METHODS, Method
 
 #: Log-probabilities are clamped here so that 0 · log 0 terms stay 0 in values and gradients.
@@ -69,8 +70,8 @@ def _bins(student: Tensor, teacher: Tensor | TopK, temperature: float) -> tuple[
     if not isinstance(teacher, TopK):
         return log_s, F.log_softmax(teacher.float() / temperature, dim=-1)
     if abs(teacher.temperature - temperature) > 1e-12:
-        raise ValueError(f"the teacher cache holds logits at temperature {teacher.temperature:g} but the method uses "
-                         f"{temperature:g}; write the cache with the method's temperature")
+        raise PadkdError(f"the teacher cache holds logits at temperature {teacher.temperature:g} but the method uses "
+                         f"{temperature:g}; set task.cache_temperature to the method's and cache the teacher again")
     log_t = teacher.values.float() - teacher.logsumexp.float()[..., None]
     picked = log_s.gather(-1, teacher.indices.long())
     if teacher.indices.shape[-1] == student.shape[-1]:

@@ -72,8 +72,9 @@ class Task:
         """Per-sample columns of the records (`[B]` each) from the evaluated outputs."""
         raise NotImplementedError
 
-    def use_teacher(self, teacher: nn.Module | None) -> None:
-        """Give the task the run's teacher, for an evaluator that compares the student with it (default: unused)."""
+    def use_teacher(self, teacher: nn.Module | None, data: DataSplits | None = None) -> None:
+        """Give the task the run's teacher and data, for an evaluator that compares the student with the teacher
+        or a task that reads the teacher from an offline cache (default: unused)."""
 
     def element_rows(self, student: Any, teacher: Any | None, batch: Batch,
                      elements: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from padkd.batch import Batch
 from padkd.data import DataSplits
 from padkd.distributed import all_reduce_sum
+from padkd.errors import PadkdError
 from padkd.methods.tokens import IGNORE, TopK, kl
 from padkd.tasks.base import TASKS, Evaluator, Task
 
@@ -91,19 +92,24 @@ class LanguageModeling(Task):
 
     `token_records`: how many sequences (the first by index) of a recorded split get a per-token table
     (token, next token, log-probabilities, each term's discrepancy and PAD's log σ²) beside the
-    per-sequence records. `teacher_cache`: a cache written by `padkd cache-teacher`; the teacher's
-    next-token distribution in training then comes from it (top-k + remaining mass) instead of a forward.
+    per-sequence records. `teacher_cache`: the folder of a cache written by `padkd cache-teacher` (logits
+    divided by `cache_temperature`); training steps then read the teacher's next-token distribution from it
+    (top-k + remaining mass) instead of running the teacher. Evaluation and records still run the teacher.
     """
 
     primary_metric = "perplexity"
     higher_is_better = False
     model_fields = frozenset({"vocab_size"})
 
-    def __init__(self, token_records: int = 8, teacher_cache: str | None = None) -> None:
-        if token_records < 0:
-            raise ValueError(f"token_records must be >= 0, got {token_records}")
+    def __init__(self, token_records: int = 8, teacher_cache: str | None = None, cache_k: int = 32,
+                 cache_temperature: float = 1.0) -> None:
+        if token_records < 0 or cache_k < 1 or not cache_temperature > 0:
+            raise ValueError(f"token_records must be >= 0, cache_k >= 1 and cache_temperature > 0, got "
+                             f"{token_records}, {cache_k}, {cache_temperature}")
         self.token_records = token_records
         self.teacher_cache = teacher_cache
+        self.cache_k = cache_k
+        self.cache_temperature = cache_temperature
         self.teacher: nn.Module | None = None
         self.cache: TeacherCache | None = None
         self._training = False
@@ -113,12 +119,29 @@ class LanguageModeling(Task):
             raise ValueError("language_modeling needs a text data set (its vocabulary size is num_classes)")
         return {"vocab_size": data.num_classes}
 
-    def use_teacher(self, teacher: nn.Module | None) -> None:
+    def use_teacher(self, teacher: nn.Module | None, data: DataSplits | None = None) -> None:
+        """Keep the teacher for the evaluator; with `teacher_cache`, open the cache for this teacher and data
+        (a cache made for another teacher, tokenizer, data or temperature is refused in one line)."""
         self.teacher = teacher
+        if self.teacher_cache is None:
+            return
+        if teacher is None or data is None:
+            raise PadkdError("task.teacher_cache: a cached teacher needs the run's teacher (its identity); "
+                             "configure teacher.model and teacher.checkpoint")
+        from padkd.lmcache import TeacherCache
 
-    def use_cache(self, cache: TeacherCache) -> None:
-        """Read the teacher's training distributions from `cache` (opened and checked by the caller)."""
-        self.cache = cache
+        self.cache = TeacherCache.open(self.teacher_cache, self.cache_identity(teacher, data))
+
+    def cache_identity(self, teacher: nn.Module, data: DataSplits) -> dict[str, str]:
+        """What a teacher cache must have been made for: this teacher's weights, the tokenizer, the training
+        split's tokens and the temperature."""
+        from padkd.data.text import tokenizer_identity
+        from padkd.lmcache import dataset_identity, model_identity
+
+        tokenizer = getattr(data, "tokenizer", None)
+        return {"teacher": model_identity(teacher),
+                "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else "none",
+                "data": dataset_identity(data.split("train")), "temperature": str(float(self.cache_temperature))}
 
     @property
     def student_taps(self) -> frozenset[str]:  # type: ignore[override]
@@ -133,12 +156,8 @@ class LanguageModeling(Task):
         if self.cache is not None and self._training:
             values, indices, lse = self.cache.lookup(batch.index.cpu())
             device = batch.index.device
-            return TopK(values.to(device), indices.to(device), lse.to(device), self.cache_temperature)
+            return TopK(values.to(device), indices.to(device), lse.to(device), self.cache.temperature)
         return call_lm(teacher, batch.inputs)
-
-    @property
-    def cache_temperature(self) -> float:
-        return float(getattr(self.cache, "temperature", 1.0))
 
     def loss(self, output: Tensor, batch: Batch) -> Tensor:
         nll, mask = token_nll(output, batch.targets)
@@ -193,3 +212,23 @@ class LanguageModeling(Task):
         if "teacher_agreement" in metrics:
             text += f" agree={metrics['teacher_agreement']:.3g}%"
         return text
+
+
+@torch.no_grad()
+def write_teacher_cache(teacher: nn.Module, loader: Any, writer: Any, k: int, temperature: float) -> int:
+    """Run `teacher` once over every batch of `loader` (the training split in order, no augmentation) and
+    write each position's top-k logits / T, their ids and the logsumexp with `writer` (a
+    `padkd.lmcache.TeacherCacheWriter`); returns the number of sequences written."""
+    from padkd.lmcache import topk_entries
+
+    was_training = teacher.training
+    teacher.eval()
+    count = 0
+    try:
+        for batch in loader:
+            values, indices, lse = topk_entries(call_lm(teacher, batch.inputs), k, temperature)
+            writer.write(batch.index, values, indices, lse)
+            count += len(batch)
+    finally:
+        teacher.train(was_training)
+    return count
