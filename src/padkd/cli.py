@@ -175,6 +175,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.data_root is not None:
         raise PadkdError("--data-root applies to --task retrieval (its MNIST protocol)")
+    if args.task == "language":
+        from padkd.demos.language import run_language_demo
+
+        run_language_demo(out, **options)
+        return 0
     if args.task == "detection":
         from padkd.demos.detection import run_detection_demo
 
@@ -252,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report")
-    p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
-                   help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9) or "
-                        "detection (synthetic shapes in the COCO format)")
+    p.add_argument("--task", choices=["classification", "retrieval", "detection", "language"],
+                   default="classification",
+                   help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9), "
+                        "detection (synthetic shapes in the COCO format) or language (GPT students on Python's "
+                        "own documentation)")
     p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval)")
     p.add_argument("--seeds", type=int, help="paired seeds per student (default 8 for classification, 5 for "
-                                              "retrieval, 1 for detection)")
+                                              "retrieval, 1 for detection, 3 for language)")
     p.add_argument("--data-root", help="retrieval: run the protocol on the MNIST files under this folder")
     p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
