@@ -68,10 +68,10 @@ def hand_written(teacher: nn.Module, student: nn.Module, batch: Batch, cache_dir
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         s_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        ce = F.cross_entropy(s_logits.transpose(1, 2), labels[:, 1:].clamp_min(0), reduction="none")
+        ce = F.cross_entropy(s_logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
         log_t, log_s = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-        kd = (log_t.exp() * (log_t - log_s)).sum(-1)
-        loss = (ce * real).sum() / real.sum() + (kd * real).sum() / real.sum()
+        kd = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
+        loss = ce + (kd * real).sum() / real.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -30,8 +30,11 @@ from padkd.discrepancy import Discrepancy
 from padkd.errors import PadkdError
 from padkd.methods.base import METHODS, Method
 
-#: Log-probabilities are clamped here so that 0 · log 0 terms stay 0 in values and gradients.
+#: Where the log of an empty bin is clamped, so that 0 · log 0 terms stay 0 in values and gradients.
 LOG_FLOOR = -1e4
+#: The least mass of the student's rest-of-vocabulary bin against a cached top-k (the bin is computed from the
+#: k cached tokens' mass; below 1e-7 that difference is rounding, and the floor keeps its gradient finite).
+REST_FLOOR = 1e-7
 IGNORE = -100
 
 
@@ -76,15 +79,18 @@ def _bins(student: Tensor, teacher: Tensor | TopK, temperature: float) -> tuple[
     picked = log_s.gather(-1, teacher.indices.long())
     if teacher.indices.shape[-1] == student.shape[-1]:
         return picked, log_t
-    rest_s = log_s.scatter(-1, teacher.indices.long(), float("-inf")).logsumexp(-1, keepdim=True)
-    held = log_t.logsumexp(-1, keepdim=True).clamp_max(0.0)
-    rest_t = torch.log(-torch.expm1(held)).clamp_min(LOG_FLOOR)  # log(1 - Σ p_k), exact from the logsumexp
-    return torch.cat([picked, rest_s], -1), torch.cat([log_t, rest_t], -1)
+    return torch.cat([picked, _rest(picked, REST_FLOOR)], -1), torch.cat([log_t, _rest(log_t, 0.0)], -1)
+
+
+def _rest(log_p: Tensor, floor: float) -> Tensor:
+    """`log(1 - Σ p)` `[..., 1]` of k log-probabilities, summed in float64 (k values: cheap); the mass is at
+    least `floor` (0: exact, its log floored at LOG_FLOOR), so the log and its gradient stay finite."""
+    held = log_p.double().logsumexp(-1, keepdim=True).clamp_max(math.log1p(-floor) if floor > 0 else 0.0)
+    return torch.log(-torch.expm1(held)).clamp_min(LOG_FLOOR).to(log_p.dtype)
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """`KL(p ‖ q)` over the last dim from log-probabilities (0 · log 0 = 0)."""
-    log_p, log_q = log_p.clamp_min(LOG_FLOOR), log_q.clamp_min(LOG_FLOOR)
+    """`KL(p ‖ q)` over the last dim from finite log-probabilities (a probability of 0 is exp(LOG_FLOOR) = 0)."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 

@@ -44,7 +44,8 @@ def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per position `[B, T-1]`: the negative log-likelihood of the next token (0 where it is not real), mask."""
     z, targets, mask = shifted(logits, labels)
-    nll = F.cross_entropy(z.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+    b, t, v = z.shape
+    nll = F.cross_entropy(z.float().reshape(b * t, v), targets.clamp_min(0).reshape(b * t), reduction="none").view(b, t)
     return torch.where(mask, nll, torch.zeros((), device=nll.device)), mask
 
 
