@@ -287,3 +287,16 @@ def test_evaluator_compares_with_the_teacher() -> None:
     columns = task.record_columns(torch.zeros(3, 6, 5), torch.zeros(3, 6, 5), batch)
     assert columns["tokens"].tolist() == [5, 4, 3]
     assert columns["student_nll"] == pytest.approx(torch.full((3,), math.log(5)))
+
+
+def test_minus_infinity_logits_are_probability_zero() -> None:
+    """A vocabulary entry masked to -inf in both models adds nothing (no NaN in value or gradient)."""
+    s, t, batch = one_token([0.5, 0.3, 0.2], [0.6, 0.2, 0.2])
+    s[0, 0, 2] = t[0, 0, 2] = float("-inf")
+    s.requires_grad_(True)
+    for name in ("forward_kl", "reverse_kl", "jsd"):
+        d = METHODS.create(name)(s, t, batch)
+        (grad,) = torch.autograd.grad(d.value.sum(), s)
+        assert torch.isfinite(d.value).all() and torch.isfinite(grad).all(), name
+    d = METHODS.create("forward_kl")(s, t, batch)
+    assert d.value[0, 0].item() == pytest.approx(kl_list([0.75, 0.25], [0.625, 0.375]), rel=1e-5)

@@ -69,9 +69,9 @@ def token_mask(batch: Batch, batch_size: int, length: int, device: torch.device)
 def _bins(student: Tensor, teacher: Tensor | TopK, temperature: float) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probabilities over the same bins: the vocabulary, or for a cached teacher its
     k tokens plus the rest of the vocabulary as one bin (left out when k is the vocabulary: exact)."""
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)
-    if not isinstance(teacher, TopK):
-        return log_s, F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1).clamp_min(LOG_FLOOR)  # -inf logits (a masked
+    if not isinstance(teacher, TopK):  # vocabulary entry) become probability 0 with a finite log
+        return log_s, F.log_softmax(teacher.float() / temperature, dim=-1).clamp_min(LOG_FLOOR)
     if abs(teacher.temperature - temperature) > 1e-12:
         raise PadkdError(f"the teacher cache holds logits at temperature {teacher.temperature:g} but the method uses "
                          f"{temperature:g}; set task.cache_temperature to the method's and cache the teacher again")
