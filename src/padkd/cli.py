@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "own documentation)")
     p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval)")
     p.add_argument("--seeds", type=int, help="paired seeds per student (default 8 for classification, 5 for "
-                                              "retrieval, 1 for detection, 3 for language)")
+                                              "retrieval, 1 for detection, 2 for language)")
     p.add_argument("--data-root", help="retrieval: run the protocol on the MNIST files under this folder")
     p.add_argument("--quick", action="store_true", help="a few epochs only (smoke test, numbers meaningless)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")
