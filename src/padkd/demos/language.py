@@ -197,6 +197,7 @@ def _prime_tokens(run: Path, columns: int = 64, rows: int = 12) -> bool:
     if key is None:
         return False
     picked = [i for i, s in enumerate(table["sequence"]) if s == 0][: columns * rows]
+    rows = max(1, math.ceil(len(picked) / columns))
     import matplotlib
 
     matplotlib.use("Agg")
