@@ -12,7 +12,7 @@ Variants (GPT-2-style teacher and student from padkd's model registry, the demo'
 Targets: padkd KD / hand-written KD <= 1.05; cached KD / student alone <= 1.15. Each variant also reports
 tokens per second and the peak resident memory of its process (and peak CUDA memory on a GPU).
 
-    python benchmarks/language_speed.py [--rounds 5] [--steps 10] [--threads 2] [--batch 16] [--block 128]
+    python benchmarks/language_speed.py [--rounds 5] [--steps 20] [--warmup 10] [--threads 2] [--batch 16] [--block 128]
                                         [--k 32] [--device cpu] [--json PATH]
 """
 
@@ -125,7 +125,7 @@ VARIANTS: dict[str, Callable[[nn.Module, nn.Module, Batch, Path, int], Callable[
 }
 
 
-def child(variant: str, steps: int, batch_size: int, block: int, k: int, device: str, warmup: int = 3) -> dict:
+def child(variant: str, steps: int, batch_size: int, block: int, k: int, device: str, warmup: int) -> dict:
     """Build one variant in this process, warm it up, time `steps` steps."""
     dev = torch.device(device)
     batch = make_batch(batch_size, block, dev)
@@ -162,7 +162,8 @@ def available() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (allocator and caches warm up)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block", type=int, default=128)
@@ -173,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.block, args.k, args.device)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.block, args.k, args.device, args.warmup)))
         return
     names = available()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -183,6 +184,7 @@ def main() -> None:
         rng.shuffle(order)
         for name in order:
             proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
+                                   "--warmup", str(args.warmup),
                                    "--threads", str(args.threads), "--batch", str(args.batch), "--block",
                                    str(args.block), "--k", str(args.k), "--device", args.device],
                                   env=env, capture_output=True, text=True)
