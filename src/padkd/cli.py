@@ -1,4 +1,5 @@
-"""`padkd` console script: train, eval, export, import-teacher, list, recipes, demo, report, study.
+"""`padkd` console script: train, eval, export, import-teacher, cache-teacher, list, recipes, demo, report,
+study.
 
 User errors (PadkdError) and file-system errors print one line `padkd: error: ...` and exit with status
 2, no traceback. Anything unexpected prints one line saying where its full traceback was written (the
@@ -102,6 +103,33 @@ def _is_run_checkpoint(path: Path) -> bool:
         return ckpt.load(path).get("kind") == "run"
     except PadkdError:
         return False
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from padkd.assemble import make_data, make_model, make_task, resolve_device
+    from padkd.engine.loaders import make_loader
+    from padkd.lmcache import TeacherCacheWriter
+    from padkd.tasks.language import LanguageModeling, write_teacher_cache
+    from padkd.validate import load_checked
+
+    cfg = load_checked(args.config, args.overrides)
+    task = make_task(cfg.task)
+    if not isinstance(task, LanguageModeling) or task.teacher_cache is None or cfg.teacher is None:
+        raise PadkdError("cache-teacher: the config needs task language_modeling with task.teacher_cache (the folder "
+                         "to write) and a teacher (teacher.model, teacher.checkpoint)")
+    data = make_data(cfg)
+    device = resolve_device(cfg.device)
+    teacher = make_model(cfg.teacher, data, task, "teacher").to(device)
+    loader = make_loader(cfg, data, "train", train=False, collate=task.collate, device=device)
+    if args.k is not None and args.k < 1:
+        raise PadkdError(f"--k {args.k}: keep at least one logit per token (e.g. --k 32)")
+    k = min(args.k or task.cache_k, data.num_classes or 1)
+    first = next(iter(loader))
+    with TeacherCacheWriter(task.teacher_cache, n_items=len(data.split("train")), seq_len=first.targets.shape[1],
+                            k=k, identity=task.cache_identity(teacher, data)) as writer:
+        count = write_teacher_cache(teacher, loader, writer, k, task.cache_temperature)
+    print(f"cached the teacher's top-{k} logits of {count} training sequences in {task.teacher_cache}")
+    return 0
 
 
 def _cmd_import_teacher(args: argparse.Namespace) -> int:
@@ -278,6 +306,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.data_root is not None:
         raise PadkdError("--data-root applies to --task retrieval (its MNIST protocol)")
+    if args.task == "language":
+        from padkd.demos.language import run_language_demo
+
+        run_language_demo(out, **options)
+        return 0
     if args.task == "detection":
         from padkd.demos.detection import run_detection_demo
 
@@ -353,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the padkd export")
     p.set_defaults(func=_cmd_import_teacher)
 
+    p = sub.add_parser("cache-teacher", help="run a language run's teacher once over the training split and store "
+                       "its top-k logits in task.teacher_cache (offline KD)")
+    p.add_argument("config", help="the distillation config (task language_modeling with teacher_cache)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--k", type=int, help="logits kept per token (default task.cache_k; at most the vocabulary)")
+    p.set_defaults(func=_cmd_cache_teacher)
+
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=list(_REGISTRIES))
     p.add_argument("name", nargs="?", help="one component: its full description")
@@ -366,12 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: teacher + students on scikit-learn digits, report",
                        parents=[threads])
-    p.add_argument("--task", choices=["classification", "retrieval", "detection"], default="classification",
-                   help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9) or "
-                        "detection (synthetic shapes in the COCO format)")
-    p.add_argument("--out", help="output directory (default runs/demo, runs/demo-retrieval, runs/demo-detection)")
+    p.add_argument("--task", choices=["classification", "retrieval", "detection", "language"],
+                   default="classification",
+                   help="classification (5 students, default), retrieval (train on digits 0-4, retrieve 5-9), "
+                        "detection (synthetic shapes in the COCO format) or language (GPT students on Python's "
+                        "own documentation)")
+    p.add_argument("--out", help="output directory (default runs/demo, runs/demo-TASK for the other tasks)")
     p.add_argument("--seeds", type=int, help="paired seeds per student (default 8 for classification, 5 for "
-                                              "retrieval, 1 for detection)")
+                                              "retrieval, 1 for detection, 2 for language)")
     p.add_argument("--data-root", help="retrieval: run the protocol on the MNIST files under this folder")
     p.add_argument("--quick", action="store_true", help="a few epochs only: a smoke test whose report judges nothing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo directory")

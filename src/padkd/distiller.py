@@ -127,6 +127,9 @@ class DistillOutput:
     #: Per term, per-element quantities `[B, E]` (the discrepancy; PAD's log σ²) of methods whose
     #: elements have a fixed meaning (feature dimensions), which records average over samples.
     element_records: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    #: Per term with a masked `[B, E]` discrepancy (tokens of padded sequences): its values, its mask and the
+    #: weighting's per-element columns, for the task's per-element table (`Task.element_rows`).
+    masked_elements: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @property
     def total(self) -> Tensor:
@@ -338,6 +341,7 @@ class Distiller(nn.Module):
         losses: dict[str, Tensor] = {}
         records: dict[str, dict[str, Tensor]] = {}
         elements: dict[str, dict[str, Tensor]] = {}
+        masked: dict[str, dict[str, Tensor]] = {}
         # A zero-weighted task loss (an init stage) is not computed: 0 × an overflowing loss would be NaN.
         if self.task is not None and (self.task_weight != 0 or not self.terms):
             losses["task"] = self.task_weight * self.task.loss(s_values[OUTPUT], batch)
@@ -356,11 +360,13 @@ class Distiller(nn.Module):
                                   "weight": result.weight.detach()} | result.columns
             if term.method.elements == "fixed" and d.elements > 1 and d.mask is None:
                 elements[term.name] = {"discrepancy": d.value.detach().float()} | result.element_columns
+            elif d.mask is not None and d.elements > 1:
+                masked[term.name] = {"discrepancy": d.value.detach().float(), "mask": d.mask} | result.element_columns
         if step is None and self.training:
             self.clock.step += 1
         teacher_out = t_values[OUTPUT] if t_values is not None else None
         return DistillOutput(student=s_values[OUTPUT], teacher=teacher_out, losses=losses, records=records,
-                             element_records=elements)
+                             element_records=elements, masked_elements=masked)
 
     def check_trainable(self, trainable: list[str] | None) -> None:
         """Every entry of a stage's `trainable` list must name a module of the student (ValueError)."""

@@ -26,6 +26,9 @@ from padkd.tasks.base import Task
 Table = dict[str, torch.Tensor]
 #: The largest records CSV a report reads (a train split of ImageNet with a few terms is ~300 MB).
 MAX_RECORDS_BYTES = 1 << 30
+#: The key (and file-name part) of the task's own per-element table (`Task.element_rows`) among the tables
+#: `collect` returns by term (name no term of a config should take).
+ELEMENT_ROWS = "task-rows"
 
 
 @torch.no_grad()
@@ -34,11 +37,13 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch], split: st
     """Run the distiller in eval mode over `loader` (of `split`). Returns the per-sample table (one column per quantity,
     rows sorted by index) and, per term with per-element records, a table with one row per element:
     `element`, then each quantity averaged over the split's samples (`discrepancy`, then the weighting's
-    element columns, e.g. PAD's `log_var` and `inv_var`)."""
+    element columns, e.g. PAD's `log_var` and `inv_var`); and, under `ELEMENT_ROWS`, the task's own
+    per-element rows when it makes any (the language task's per-token table)."""
     was_training = distiller.training
     distiller.eval()
     columns: dict[str, list[torch.Tensor]] = {}
     sums: dict[str, Table] = {}
+    extra: dict[str, list[torch.Tensor]] = {}
     count = 0
     try:
         for batch in loader:
@@ -48,6 +53,8 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch], split: st
                 row |= {f"{term}.{key}": value for key, value in rec.items()}
             for key, value in row.items():
                 columns.setdefault(key, []).append(value.detach().cpu())
+            for key, value in task.element_rows(out.student, out.teacher, batch, out.masked_elements).items():
+                extra.setdefault(key, []).append(value.detach().cpu())
             for term, rec in out.element_records.items():
                 into = sums.setdefault(term, {})
                 for key, value in rec.items():
@@ -61,6 +68,8 @@ def collect(distiller: Distiller, task: Task, loader: Iterable[Batch], split: st
     elements = {term: {"element": torch.arange(len(next(iter(by_key.values()))))}
                 | {key: (value / max(count, 1)).float() for key, value in by_key.items()}
                 for term, by_key in sums.items()}
+    if extra:
+        elements[ELEMENT_ROWS] = {key: torch.cat(values) for key, values in extra.items()}
     return task.finish_records({key: value[order] for key, value in table.items()}), elements
 
 

@@ -264,6 +264,7 @@ class Trainer:
         self.student = student
         #: What the data gave the models (num_classes, in_channels): saved so an export rebuilds the student.
         self._model_kwargs = self.task.model_kwargs(self.data)
+        self.task.use_teacher(teacher, self.data)
         if state is not None:
             ckpt.load_state_strict(student, state["student"], self._resumed_from)
             self.progress = Progress(**state["progress"])

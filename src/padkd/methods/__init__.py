@@ -9,7 +9,8 @@ from padkd.methods.ofd import OFD
 from padkd.methods.relations import CC, PKT, RKD, SP
 from padkd.methods.reviewkd import ReviewKD
 from padkd.methods.similarity import Similarity
+from padkd.methods.tokens import JSD, ForwardKL, ReverseKL, SkewKL, SkewReverseKL, TokenHint
 
 __all__ = ["METHODS", "Method", "KD", "Hint", "FitNet", "AT", "NST", "AB", "FT", "FSP", "VID", "DKD", "DIST", "SP",
            "CC", "RKD", "PKT", "CRD", "Similarity", "FGFI", "FpnL2", "RoiKD", "MLKD", "CTKD", "DISTPlus", "ReviewKD",
-           "OFD"]
+           "OFD", "ForwardKL", "ReverseKL", "JSD", "SkewKL", "SkewReverseKL", "TokenHint"]

@@ -102,4 +102,4 @@ def torchvision_model(in_channels: int, num_classes: int, arch: str, weights: st
     return model
 
 
-from padkd.models import cifar, detection, external, lenet, retrieval  # noqa: E402,F401  (zoo, detectors, timm, embeddings)
+from padkd.models import cifar, detection, external, language, lenet, retrieval  # noqa: E402,F401  (zoo, detectors, timm, LMs, embeddings)

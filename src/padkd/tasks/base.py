@@ -75,6 +75,17 @@ class Task:
         """Per-sample columns of the records (`[B]` each) from the evaluated outputs."""
         raise NotImplementedError
 
+    def use_teacher(self, teacher: nn.Module | None, data: DataSplits | None = None) -> None:
+        """Give the task the run's teacher and data, for an evaluator that compares the student with the teacher
+        or a task that reads the teacher from an offline cache (default: unused)."""
+
+    def element_rows(self, student: Any, teacher: Any | None, batch: Batch,
+                     elements: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Rows of an extra per-element table of the records (the language task: one row per token of a few
+        sequences), from the outputs and each term's masked per-element values `[B, E]` (the discrepancy,
+        its mask, PAD's log σ²); every column has one entry per row. Default: no table."""
+        return {}
+
     def finish_records(self, table: dict[str, Tensor]) -> dict[str, Tensor]:
         """Columns that need the whole split (a query's nearest neighbours), made once from the collected
         table (rows in index order, every `record_columns` key concatenated); default: the table as it is."""

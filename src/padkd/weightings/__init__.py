@@ -11,11 +11,11 @@ the PAD paper argues against; their weights are detached and normalised to mean 
 from padkd.weightings.base import WEIGHTINGS, SampleWeighting, Uniform, WeightedLoss, Weighting
 from padkd.weightings.ceiling import InverseDiscrepancy, VarianceMemory
 from padkd.weightings.hard_mining import OHEM, DiscardHardest, Focal, Polynomial, SoftmaxEasy, SoftmaxHard
-from padkd.weightings.heads import DimensionHead, LinearHead, MapsHead, VarianceHead, pooled
+from padkd.weightings.heads import DimensionHead, LinearHead, MapsHead, TokenHead, VarianceHead, pooled
 from padkd.weightings.logits import EntropyAware, WeightedSoftLabels
 from padkd.weightings.pad import DEFAULT_LOG_VAR_FLOOR, DEFAULT_WARMUP_STEPS, PAD
 
 __all__ = ["WEIGHTINGS", "Weighting", "WeightedLoss", "SampleWeighting", "Uniform", "Focal", "OHEM", "SoftmaxHard",
            "SoftmaxEasy", "Polynomial", "DiscardHardest", "PAD", "DEFAULT_LOG_VAR_FLOOR", "DEFAULT_WARMUP_STEPS",
-           "VarianceHead", "LinearHead", "MapsHead", "DimensionHead", "pooled", "EntropyAware",
+           "VarianceHead", "LinearHead", "MapsHead", "TokenHead", "DimensionHead", "pooled", "EntropyAware",
            "WeightedSoftLabels", "InverseDiscrepancy", "VarianceMemory"]

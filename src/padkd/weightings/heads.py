@@ -4,6 +4,8 @@
   per element, the reference form) or 1 (per sample).
 - `MapsHead`: per feature map, `Conv2d(C, 1, 1) + BatchNorm2d(1)` on the student's map of the same size,
   one variance per location, for discrepancies over map locations (a `Discrepancy.layout`).
+- `TokenHead`: `Linear(D, 1)` on the student's hidden state at each position of a sequence `[B, T, D]`,
+  one variance per token (PAD over the tokens of a language model).
 - `DimensionHead`: no input; one learned log σ² per element shared by every sample (the ablation that
   separates PAD's per-dimension reweighting from its per-sample one).
 """
@@ -129,3 +131,26 @@ class DimensionHead(VarianceHead):
     @torch.no_grad()
     def start_at(self, value: float) -> None:
         self.log_var.fill_(value)
+
+
+class TokenHead(VarianceHead):
+    """`Linear(D, 1)` applied at every position of a sequence embedding `[B, T, D]`: `[B, T]`, one log σ² per
+    token. The weight starts at 0, so every token starts at the same σ² (PAD's data initialisation)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, embedding: Any, layout: Layout | None = None, detach: bool = False) -> Tensor:
+        if not isinstance(embedding, Tensor) or embedding.dim() != 3:
+            raise PadkdError("PAD head 'token' reads the student's hidden states [B, T, D] (e.g. embedding: "
+                             f"final_norm), got {type(embedding).__name__} "
+                             f"{tuple(embedding.shape) if isinstance(embedding, Tensor) else ''}")
+        x = embedding.detach() if detach else embedding
+        return self.linear(x.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def start_at(self, value: float) -> None:
+        self.linear.bias.fill_(value)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from padkd.discrepancy import Discrepancy, MethodTraits, WeightingInputs, batch_mean
 from padkd.errors import PadkdError
 from padkd.weightings.base import WEIGHTINGS, WeightedLoss, Weighting
-from padkd.weightings.heads import DimensionHead, Layout, LinearHead, MapsHead, VarianceHead, pooled
+from padkd.weightings.heads import DimensionHead, Layout, LinearHead, MapsHead, TokenHead, VarianceHead, pooled
 
 if TYPE_CHECKING:
     from padkd.context import BuildContext
@@ -31,7 +31,8 @@ class PAD(Weighting):
     A variance head (`padkd.weightings.heads`) predicts `s = log σ²`: `per_element` (a `Linear + BN` head
     with one output per element, the reference form), `per_sample` (one output), `per_dimension` (no head:
     one learned log σ² per element shared by every sample), or with `head: conv1x1` one per feature-map
-    location of a discrepancy with a `layout` (detection imitation; its embedding is the student's maps).
+    location of a discrepancy with a `layout` (detection imitation; its embedding is the student's maps), or
+    with `head: token` one per token of a sequence (its embedding is the student's hidden states `[B, T, D]`).
     The optimum is σ² = d, so samples the student can match get small σ² and a large weight 1/σ².
     Safety defaults (docs/pad.md): σ² starts at the first batch's mean discrepancy (`init="data"`), the
     term ramps in over `warmup_steps` optimizer steps (the term's ramp, unless the term sets its own), and
@@ -56,18 +57,18 @@ class PAD(Weighting):
         clamp: tuple[float, float] | None = None,
         detach_input: bool = False,
         warmup_steps: int = DEFAULT_WARMUP_STEPS,
-        head: Literal["linear", "conv1x1"] = "linear",
+        head: Literal["linear", "conv1x1", "token"] = "linear",
         preserve_scale: bool = False,
         head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in ("per_element", "per_sample", "per_dimension"):
             raise ValueError(f"PAD mode must be 'per_element', 'per_sample' or 'per_dimension', got {mode!r}")
-        if head not in ("linear", "conv1x1"):
-            raise ValueError(f"PAD head must be 'linear' or 'conv1x1', got {head!r}")
-        if head == "conv1x1" and (mode != "per_element" or in_dim is not None or out_dim is not None):
-            raise ValueError("PAD head 'conv1x1' predicts one log σ² per location: use mode per_element and "
-                             "leave in_dim/out_dim out (its width comes from the feature maps)")
+        if head not in ("linear", "conv1x1", "token"):
+            raise ValueError(f"PAD head must be 'linear', 'conv1x1' or 'token', got {head!r}")
+        if head != "linear" and (mode != "per_element" or in_dim is not None or out_dim is not None):
+            raise ValueError(f"PAD head '{head}' predicts one log σ² per location or token: use mode per_element "
+                             "and leave in_dim/out_dim out (its width comes from the embedding)")
         if init not in ("data", "reference"):
             raise ValueError(f"PAD init must be 'data' or 'reference', got {init!r}")
         if not eps > 0:
@@ -124,6 +125,8 @@ class PAD(Weighting):
             raise ValueError("PAD needs a student embedding to predict log σ² from")
         if self.head_kind == "conv1x1":
             return MapsHead(MapsHead.maps(embedding, d.layout))
+        if self.head_kind == "token":
+            return TokenHead(embedding.shape[-1])
         return LinearHead(pooled(embedding).shape[1], 1 if self.mode == "per_sample" else d.elements)
 
     def param_groups(self) -> list[tuple[str, list[nn.Parameter], float]]:
