@@ -249,8 +249,9 @@ MODEL_CASES = {
 }
 
 
-#: Models tested in their task's own file: the retrieval embedding networks (tests/test_retrieval.py).
-ELSEWHERE = {"cnn_embedding", "torchvision_embedding"}
+#: Models tested in their task's own file: the retrieval embedding networks (tests/test_retrieval.py) and the
+#: causal LMs (tests/test_language.py).
+ELSEWHERE = {"cnn_embedding", "torchvision_embedding", "gpt2", "llama", "hf_causal_lm"}
 
 
 def test_every_registered_model_is_covered() -> None:

@@ -565,7 +565,9 @@ def test_every_registered_dataset_is_covered() -> None:
     retrieval = {"cub200", "cars196", "sop", "digits_retrieval", "mnist_retrieval"}  # tests/test_retrieval.py
     detection = {"coco", "voc"}  # tests/test_detection.py
     text = {"text", "python_stdlib"}  # tests/test_data_text.py
-    assert set(DATASETS.names()) == ({"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval | detection
+    # data sets the tests themselves register (tests/language_data.py) are not padkd's
+    shipped = {n for n in DATASETS.names() if DATASETS.get(n).__module__.startswith("padkd.")}
+    assert shipped == ({"digits", "mnist", "cifar10", "cifar100", "imagenet"} | retrieval | detection
                                      | text)
 
 
