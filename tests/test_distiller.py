@@ -687,3 +687,31 @@ def test_a_weighting_with_the_two_argument_forward_still_works():
     plain.prepare(b)
     halved.prepare(b)
     torch.testing.assert_close(halved(b).losses["kd"], 0.5 * plain(b).losses["kd"])
+
+
+def test_a_bf16_teacher_stays_bf16_and_gives_fp32_values_close_to_the_fp32_teacher():
+    """teacher.precision: bf16 (padkd.placement): the teacher keeps its dtype when the distiller is cast,
+    callers get fp32 outputs and tapped values, and KD moves by no more than bf16's rounding."""
+    import copy
+
+    from padkd import placement
+
+    torch.manual_seed(4)
+    teacher, student = teacher_mlp(), student_mlp()
+    b = mlp_batch()
+    fp32 = Distiller(student, teacher, terms=[Term("kd", KD()), Term("hint", Hint(), student="fc:in",
+                                                                     teacher="fc:in")])
+    half_teacher = placement.place(copy.deepcopy(teacher), "cpu", "bf16", home="cpu")
+    bf16 = Distiller(student, half_teacher, terms=[Term("kd", KD()), Term("hint", Hint(), student="fc:in",
+                                                                          teacher="fc:in")])
+    fp32.prepare(b)
+    bf16.prepare(b)
+    bf16.double().float()  # casting the distiller leaves a placed teacher as it was placed
+    assert all(p.dtype == torch.bfloat16 for p in half_teacher.parameters())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert half_teacher(b.inputs).dtype == torch.float32
+    out, ref = bf16(b), fp32(b)
+    for name in ("kd", "hint"):
+        assert out.losses[name].dtype == torch.float32
+        torch.testing.assert_close(out.losses[name], ref.losses[name], rtol=0.05, atol=0.02)
+    assert not torch.equal(out.losses["kd"], ref.losses["kd"])  # the teacher really ran in bf16

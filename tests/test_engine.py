@@ -816,3 +816,12 @@ def test_compile_traces_a_bounded_number_of_graphs_and_keeps_state_dict_keys(tmp
     keys = set(last_checkpoint(tmp_path / "run")["student"])
     assert keys == set(torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["student"])
     assert not any("_orig_mod" in k for k in keys)
+
+
+def test_a_bf16_teacher_trains_a_student_and_is_recorded_in_the_config(tmp_path: Path, distill_config) -> None:
+    raw = distill_config(tmp_path / "run", stage1_epochs=1, stage2_epochs=0)
+    raw["stages"] = raw["stages"][:1]
+    raw["teacher"] = {**raw["teacher"], "precision": "bf16", "device": "cpu"}
+    final = run(raw)
+    assert math.isfinite(final["last"]["top1"])
+    assert "precision: bf16" in (tmp_path / "run" / "config.yaml").read_text()

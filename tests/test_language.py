@@ -300,3 +300,18 @@ def test_minus_infinity_logits_are_probability_zero() -> None:
         assert torch.isfinite(d.value).all() and torch.isfinite(grad).all(), name
     d = METHODS.create("forward_kl")(s, t, batch)
     assert d.value[0, 0].item() == pytest.approx(kl_list([0.75, 0.25], [0.625, 0.375]), rel=1e-5)
+
+
+def test_a_bf16_teacher_lm_returns_fp32_logits_on_the_callers_device() -> None:
+    """teacher.precision: bf16 on a transformers model: its ModelOutput comes back in fp32, near the fp32 logits."""
+    from padkd import placement
+
+    torch.manual_seed(0)
+    model = MODELS.create("gpt2", {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 16}, "teacher.model",
+                          vocab_size=50)
+    ids = torch.randint(0, 50, (2, 16))
+    reference = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    placement.place(model, "cpu", "bf16", home="cpu")
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert next(model.parameters()).dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=0.05, atol=0.05)

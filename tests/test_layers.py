@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "padkd"
 
 #: Bottom to top. A unit may import its own layer and the layers below it, never above.
 LAYERS: list[set[str]] = [
-    {"errors", "ops", "registry", "batch", "distributed", "discrepancy", "plugins", "files"},  # torch-level utilities
+    {"errors", "ops", "registry", "batch", "distributed", "discrepancy", "plugins", "files",
+     "placement"},  # torch-level utilities
     {"context", "checkpoint", "lmcache", "config"},  # what methods see when they build; file formats; the pure schema
     {"taps", "data", "weightings", "methods"},  # what is matched and how samples count: independent axes
     {"tasks", "models"},

@@ -73,6 +73,14 @@ class ModelRef(Strict):
     checkpoint: str | None = None
 
 
+class TeacherRef(ModelRef):
+    """The teacher; `device` (e.g. `cuda:1`; default: the run's device) and `precision` (`bf16` halves its
+    memory) place it apart from the student, so a large teacher and a small student share a node."""
+
+    device: str | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
 class TermConfig(Strict):
     """One distillation term; `student`/`teacher` are tap paths (`output`, `layer3`, `fc:in`) or the
     models' tap aliases (`stage3`, `pooled`)."""
@@ -203,7 +211,7 @@ class Config(Strict):
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
-    teacher: ModelRef | None = None
+    teacher: TeacherRef | None = None
     student: ModelRef
     #: The task (a registered name and options); options given without a name apply to classification.
     task: Component = Field(default_factory=lambda: Component(name="classification"))

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from padkd import placement
 from padkd.batch import Batch
 from padkd.context import BuildContext, DataInfo, Features, StageClock
 from padkd.discrepancy import Discrepancy, WeightingInputs
@@ -228,7 +229,7 @@ class Distiller(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Move/cast the teacher with the distiller although it is kept out of the module tree."""
         super()._apply(fn, recurse)
-        if self.teacher is not None:
+        if self.teacher is not None and not placement.is_placed(self.teacher):  # a placed one stays put
             self.teacher._apply(fn, recurse)
         return self
 
@@ -271,7 +272,7 @@ class Distiller(nn.Module):
         assert self._teacher_taps is not None and self.teacher is not None
         with torch.no_grad(), self._teacher_taps.capture():
             t_out = self._caller.teacher_forward(self.teacher, batch, s_values)
-        return self._teacher_taps.values(t_out)
+        return placement.home(self._teacher_taps.values(t_out), self.teacher)
 
     @torch.no_grad()
     def prepare(self, batch: Batch, data: DataInfo | None = None, world_size: int = 1,

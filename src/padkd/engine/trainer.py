@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from padkd import checkpoint as ckpt
 from padkd import distributed as ddp
-from padkd import files
+from padkd import files, placement
 from padkd.assemble import make_data, make_distiller, make_model, make_task, resolve_device
 from padkd.batch import tree_leaves
 from padkd.config import Config, StageConfig, dump_config
@@ -211,6 +211,9 @@ class Trainer:
         (in place keeps state_dict keys, so checkpoints are the same with compile on or off)."""
         cfg = self.cfg
         teacher = make_model(cfg.teacher, self.data, self.task, "teacher").to(self.device) if cfg.teacher else None
+        if teacher is not None and (cfg.teacher.device is not None or cfg.teacher.precision != "fp32"):
+            device = resolve_device(cfg.teacher.device) if cfg.teacher.device else self.device
+            placement.place(teacher, device, cfg.teacher.precision, home=self.device)
         student = make_model(cfg.student, self.data, self.task, "student").to(self.device)
         for model in (student, teacher):
             if model is None:
