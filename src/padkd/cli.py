@@ -107,12 +107,14 @@ def _is_run_checkpoint(path: Path) -> bool:
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> int:
     from padkd.assemble import make_data, make_model, make_task, resolve_device
+    from padkd.engine.cpu import set_threads
     from padkd.engine.loaders import make_loader
     from padkd.lmcache import TeacherCacheWriter
     from padkd.tasks.language import LanguageModeling, write_teacher_cache
     from padkd.validate import load_checked
 
     cfg = load_checked(args.config, args.overrides)
+    set_threads(cfg.engine.threads)  # the policy every run follows (padkd.engine.cpu)
     task = make_task(cfg.task)
     if not isinstance(task, LanguageModeling) or task.teacher_cache is None or cfg.teacher is None:
         raise PadkdError("cache-teacher: the config needs task language_modeling with task.teacher_cache (the folder "
@@ -387,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import_teacher)
 
     p = sub.add_parser("cache-teacher", help="run a language run's teacher once over the training split and store "
-                       "its top-k logits in task.teacher_cache (offline KD)")
+                       "its top-k logits in task.teacher_cache (offline KD)", parents=[threads])
     p.add_argument("config", help="the distillation config (task language_modeling with teacher_cache)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     p.add_argument("--k", type=int, help="logits kept per token (default task.cache_k; at most the vocabulary)")
