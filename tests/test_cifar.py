@@ -25,6 +25,7 @@ from padkd.engine.stage import StageRun
 from padkd.errors import PadkdError
 from padkd.models import MODELS
 from padkd.tasks import Classification
+from padkd.weightings import WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT / "src" / "padkd" / "recipes" / "cifar100"
@@ -37,9 +38,14 @@ CROSS_FAMILY = [("vgg13", "mobilenetv2_half"), ("resnet50", "mobilenetv2_half"),
                 ("resnet32x4", "shufflenetv1"), ("resnet32x4", "shufflenetv2"), ("wrn_40_2", "shufflenetv1")]
 METHODS = {"student", "kd", "l2", "pad_l2", "l2_control", "pad_l2_single", "pad_kd", "crd", "pad_crd", "fitnet",
            "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst", "dkd", "dist", "kd_ls", "dkd_ls", "mlkd",
-           "mlkd_ls", "ctkd", "ctkd_ls", "reviewkd", "ofd", "dist_plus"}  # + fsp for Table 1's pairs
-#: Recipes that weight cross-entropy by 0.1 (KD's CRD setting, and the authors' of LS, MLKD and CTKD).
-LOW_CE = {"kd", "pad_kd", "kd_ls", "mlkd", "mlkd_ls", "ctkd", "ctkd_ls"}
+           "mlkd_ls", "ctkd", "ctkd_ls", "reviewkd", "ofd", "dist_plus",
+           "kd_entropy", "dkd_entropy", "kd_wsld"}  # + fsp for Table 1's pairs
+#: Recipes that weight cross-entropy by 0.1 (KD's CRD setting, and the authors' of LS, MLKD, CTKD and EA-KD).
+LOW_CE = {"kd", "pad_kd", "kd_ls", "mlkd", "mlkd_ls", "ctkd", "ctkd_ls", "kd_entropy"}
+#: The per-sample weightings since PAD (issue 19): recipe -> (method, weighting, the weighting's options).
+WEIGHTED = {"kd_entropy": ("kd", "entropy", {"temperature": 3.0, "entropy_bound": 100.0}),
+            "dkd_entropy": ("dkd", "entropy", {"temperature": 3.0, "entropy_bound": 100.0}),
+            "kd_wsld": ("kd", "wsld", {})}
 LOW_LR_STUDENTS = {"mobilenetv2_half", "shufflenetv1", "shufflenetv2"}
 
 
@@ -126,6 +132,25 @@ def test_recipes_follow_the_crd_protocol(recipes: dict[tuple[str, str], Config])
             init_lr = 0.01 if method == "ft" and student.startswith(("resnet", "wrn")) else main_lr
             assert (init.epochs, init.task_weight, init.scheduler.name) == (30, 0.0, "constant"), where
             assert _optimizer(init) == (init_lr, 64, 0.9, 5e-4), where
+
+
+def test_entropy_and_wsld_recipes_load_with_their_weighting(recipes: dict[tuple[str, str], Config]) -> None:
+    """EA-KD, EA-DKD and WSLD: every pair's recipe loads, and its one term is the method under its weighting
+    with the authors' settings (DKD's beta stays the pair's, as in its dkd.yaml)."""
+    for teacher, student in SAME_FAMILY + CROSS_FAMILY:
+        pair = f"{teacher}-{student}"
+        for recipe, (method, weighting, options) in WEIGHTED.items():
+            where = f"{pair}/{recipe}"
+            (main_stage,) = recipes[(pair, recipe)].stages
+            (term,) = main_stage.terms
+            assert term.method.name == method, where
+            assert term.weighting.name == weighting and term.weighting.options == options, where
+            WEIGHTINGS.create(weighting, term.weighting.options, where)  # the options are the factory's
+            if recipe == "dkd_entropy":
+                assert term.method.options == recipes[(pair, "dkd")].stages[0].terms[0].method.options, where
+            else:
+                temperature, weight = (4.0, 0.9) if weighting == "entropy" else (2.0, 2.5)
+                assert (term.method.options["temperature"], term.weight) == (temperature, weight), where
 
 
 def test_pad_l2_and_its_epoch_matched_control_differ_only_in_the_stage_2_weighting(
