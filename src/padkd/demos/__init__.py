@@ -14,7 +14,9 @@ import os
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,29 @@ def single_thread() -> Iterator[None]:
     finally:
         if not chosen:
             os.environ.pop(ENV, None)
+
+
+@dataclass
+class Session:
+    """A demo's run state: its progress printer, its runs, the `--seeds` its commands show (None: the default)
+    and when it started."""
+
+    say: Callable[[str], None]
+    runs: Runs
+    shown_seeds: int | None
+    start: float
+
+
+def begin(task: str, out: Path, seeds: int, default_seeds: int, quick: bool, quiet: bool, overwrite: bool,
+          resume: bool, *extra: str) -> Session:
+    """Check `seeds`, prepare `out` (fresh_output) and start a demo's session; `extra`: options its resume
+    command repeats (`--data-root DIR`)."""
+    if seeds < 1:
+        raise PadkdError(f"--seeds must be at least 1, got {seeds}")
+    fresh_output(out, overwrite, resume)
+    shown = seeds if seeds != default_seeds else None
+    return Session(progress(quiet), Runs(resume, command(task, out, shown, quick, *extra, "--resume")), shown,
+                   time.perf_counter())
 
 
 class Runs:

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from padkd.demos import Runs, command, fresh_output, progress, single_thread
-from padkd.errors import PadkdError
+from padkd.demos import begin, command, single_thread
 
 TEACHER = {"name": "cnn", "widths": [32, 64, 128]}
 STUDENT = {"name": "cnn", "widths": [4, 32]}
@@ -100,13 +99,8 @@ def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
-    if seeds < 1:
-        raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    fresh_output(out, overwrite, resume)
-    start = time.perf_counter()
-    say = progress(quiet)
-    shown_seeds = seeds if seeds != 8 else None
-    runs = Runs(resume, command("classification", out, shown_seeds, quick, "--resume"))
+    session = begin("classification", out, seeds, 8, quick, quiet, overwrite, resume)
+    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
 
     say(f"[demo] training the teacher {TEACHER['widths']} on digits")
     teacher_final = runs.train(teacher_config(out, quick))

@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from padkd.demos import Runs, command, fresh_output, progress, single_thread
+from padkd.demos import begin, command, single_thread
 from padkd.demos.shapes import CATEGORIES, write_shapes_coco
-from padkd.errors import PadkdError
 
 SYNTHETIC = "SYNTHETIC data (shapes pasted on textures): these numbers say nothing about real images"
 COMMON = {"name": "fasterrcnn", "backbone": "cnn", "min_size": 64, "max_size": 64, "anchor_size": 8,
@@ -144,14 +143,9 @@ def run_detection_demo(out: Path, seeds: int = 1, quick: bool = False, quiet: bo
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
-    if seeds < 1:
-        raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    fresh_output(out, overwrite, resume)
-    start = time.perf_counter()
+    session = begin("detection", out, seeds, 1, quick, quiet, overwrite, resume)
+    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
     plan = schedule(quick)
-    say = progress(quiet)
-    shown_seeds = seeds if seeds != 1 else None
-    runs = Runs(resume, command("detection", out, shown_seeds, quick, "--resume"))
 
     say(f"[demo] {SYNTHETIC}")
     write_shapes_coco(out / "data", {"train": plan["train"], "val": plan["val"]}, size=64)

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from padkd import files
-from padkd.demos import Runs, command, fresh_output, progress, single_thread
-from padkd.errors import PadkdError
+from padkd.demos import begin, command, single_thread
 
 BLOCK = 128
 TEACHER = {"name": "gpt2", "n_layer": 3, "n_embd": 96, "n_head": 4, "n_positions": BLOCK}
@@ -87,13 +86,8 @@ def run_language_demo(out: Path, seeds: int = 2, quick: bool = False, quiet: boo
 
 
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
-    if seeds < 1:
-        raise PadkdError(f"--seeds must be at least 1, got {seeds}")
-    fresh_output(out, overwrite, resume)
-    start = time.perf_counter()
-    say = progress(quiet)
-    shown_seeds = seeds if seeds != 2 else None
-    runs = Runs(resume, command("language", out, shown_seeds, quick, "--resume"))
+    session = begin("language", out, seeds, 2, quick, quiet, overwrite, resume)
+    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
     say(f"[demo] training the teacher (gpt2 {TEACHER['n_layer']}x{TEACHER['n_embd']}) on pydoc_data.topics")
     teacher = runs.train(teacher_config(out, quick))
     say(f"[demo] teacher test perplexity {teacher['last']['perplexity']:.3f}, bpb {teacher['last']['bpb']:.4f} "

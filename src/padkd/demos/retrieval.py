@@ -22,7 +22,7 @@ import torch
 
 from padkd.assemble import make_data, make_model, make_task
 from padkd.config import Component, ModelRef, parse_config
-from padkd.demos import Runs, command, fresh_output, progress, single_thread
+from padkd.demos import begin, command, single_thread
 from padkd.errors import PadkdError
 from padkd.methods import METHODS
 from padkd.tasks.retrieval import nearest_neighbours
@@ -184,8 +184,6 @@ def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_
          methods: Sequence[str], resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
-    if seeds < 1:
-        raise PadkdError(f"--seeds must be at least 1, got {seeds}")
     unknown = [m for m in methods if m not in RECIPES]
     if unknown:
         raise PadkdError(f"retrieval demo: unknown method '{unknown[0]}'; choose from {', '.join(RECIPES)}")
@@ -193,12 +191,9 @@ def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_
     if missing:
         raise PadkdError(f"retrieval demo: method '{missing[0]}' is not registered in this install; pass "
                          f"methods without it (e.g. none, l2, pad_l2)")
-    fresh_output(out, overwrite, resume)
-    start = time.perf_counter()
-    say = progress(quiet)
     extra = ["--data-root", data_root] if data_root else []
-    shown_seeds = seeds if seeds != 5 else None
-    runs = Runs(resume, command("retrieval", out, shown_seeds, quick, *extra, "--resume"))
+    session = begin("retrieval", out, seeds, 5, quick, quiet, overwrite, resume, *extra)
+    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
 
     dataset = "mnist_retrieval" if data_root else "digits_retrieval"
     say(f"[retrieval demo] teacher {TEACHER['widths']}-{TEACHER['embedding_dim']} on {dataset}")
