@@ -361,7 +361,10 @@ def test_list_shows_whole_first_sentences_and_one_components_full_text(
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     for name in METHODS.names():
         assert first_sentence(inspect.getdoc(METHODS.get(name)) or "") in lines[name]
-    assert len(list((tmp_path / "padkd").glob("catalogue-*.json"))) == 1  # the cache the next list reads
+    # this process has loaded the registries (and may have registered test-only parts): listed live, not cached
+    assert not list(tmp_path.glob("padkd/catalogue-*.json"))
+    assert _padkd(["list", "methods"], cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path)}).returncode == 0
+    assert len(list((tmp_path / "padkd").glob("catalogue-*.json"))) == 1  # the cache the next `padkd list` reads
     assert main(["list", "methods", "kd"]) == 0
     out = capsys.readouterr().out
     assert (inspect.getdoc(METHODS.get("kd")) or "") in out and "[weight" in out

@@ -189,12 +189,17 @@ def _build_catalogue() -> dict[str, dict[str, dict[str, str]]]:
 
 def _catalogue() -> dict[str, dict[str, dict[str, str]]]:
     """The catalogue `padkd list` prints, cached per source: keyed by the hash of padkd's own source files
-    and the installed plugins, so `padkd list` answers without importing torch once it has run once."""
+    and the installed plugins, so `padkd list` answers without importing torch once it has run once. A process
+    that has loaded the registries already lists them live and writes no cache."""
     import hashlib
     import importlib.util
 
     from padkd import files, plugins
 
+    if any(module in sys.modules for module, _ in _REGISTRIES.values()):
+        # Registries already loaded here (the Python API, tests) may hold components registered in this
+        # process only: list them live, and keep them out of the cache every later `padkd list` reads.
+        return _build_catalogue()
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(str(path.relative_to(Path(__file__).parent)).encode() + path.read_bytes())
