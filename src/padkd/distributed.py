@@ -3,6 +3,7 @@ gathers. With one process everything degrades to plain local code."""
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -17,7 +18,15 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A group left alive at interpreter exit can abort the process while its threads are torn down
+        # ("terminate called without an active exception", seen under gloo): padkd's group ends with it.
+        atexit.register(_destroy)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_rank() -> int:
