@@ -16,9 +16,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from padkd.errors import PadkdError
 
@@ -69,8 +68,7 @@ def single_thread() -> Iterator[None]:
             os.environ.pop(ENV, None)
 
 
-@dataclass
-class Session:
+class Session(NamedTuple):
     """A demo's run state: its progress printer, its runs, the `--seeds` its commands show (None: the default)
     and when it started."""
 

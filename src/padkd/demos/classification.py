@@ -99,8 +99,7 @@ def run_demo(out: Path, seeds: int = 8, quick: bool = False, quiet: bool = False
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
-    session = begin("classification", out, seeds, 8, quick, quiet, overwrite, resume)
-    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
+    say, runs, shown_seeds, start = begin("classification", out, seeds, 8, quick, quiet, overwrite, resume)
 
     say(f"[demo] training the teacher {TEACHER['widths']} on digits")
     teacher_final = runs.train(teacher_config(out, quick))

@@ -143,8 +143,7 @@ def run_detection_demo(out: Path, seeds: int = 1, quick: bool = False, quiet: bo
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
     from padkd.report import format_table, summarize, write_report
 
-    session = begin("detection", out, seeds, 1, quick, quiet, overwrite, resume)
-    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
+    say, runs, shown_seeds, start = begin("detection", out, seeds, 1, quick, quiet, overwrite, resume)
     plan = schedule(quick)
 
     say(f"[demo] {SYNTHETIC}")

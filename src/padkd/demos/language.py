@@ -86,8 +86,7 @@ def run_language_demo(out: Path, seeds: int = 2, quick: bool = False, quiet: boo
 
 
 def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, resume: bool) -> dict[str, Any]:
-    session = begin("language", out, seeds, 2, quick, quiet, overwrite, resume)
-    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
+    say, runs, shown_seeds, start = begin("language", out, seeds, 2, quick, quiet, overwrite, resume)
     say(f"[demo] training the teacher (gpt2 {TEACHER['n_layer']}x{TEACHER['n_embd']}) on pydoc_data.topics")
     teacher = runs.train(teacher_config(out, quick))
     say(f"[demo] teacher test perplexity {teacher['last']['perplexity']:.3f}, bpb {teacher['last']['bpb']:.4f} "

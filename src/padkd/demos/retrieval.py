@@ -192,8 +192,7 @@ def _run(out: Path, seeds: int, quick: bool, quiet: bool, overwrite: bool, data_
         raise PadkdError(f"retrieval demo: method '{missing[0]}' is not registered in this install; pass "
                          f"methods without it (e.g. none, l2, pad_l2)")
     extra = ["--data-root", data_root] if data_root else []
-    session = begin("retrieval", out, seeds, 5, quick, quiet, overwrite, resume, *extra)
-    say, runs, shown_seeds, start = session.say, session.runs, session.shown_seeds, session.start
+    say, runs, shown_seeds, start = begin("retrieval", out, seeds, 5, quick, quiet, overwrite, resume, *extra)
 
     dataset = "mnist_retrieval" if data_root else "digits_retrieval"
     say(f"[retrieval demo] teacher {TEACHER['widths']}-{TEACHER['embedding_dim']} on {dataset}")
